@@ -1,0 +1,43 @@
+"""genlab: a workbench for generative AI where every modality is next-token prediction.
+
+    import genlab
+    tok = genlab.train_tokenizer("docs/", vocab_size=8192, out_dir="tok")
+    model = genlab.build("10m", tok)          # or genlab.load("path/to/any/hf-llama-folder")
+    print(model.generate("Once upon a time", max_new_tokens=40, temperature=0.8).text)
+    model.save("my-model")                    # loads in transformers.AutoModelForCausalLM too
+"""
+
+__version__ = "0.1.0"
+
+from genlab.errors import (  # noqa: E402
+    ContextLengthError,
+    DataError,
+    GenlabError,
+    InvalidParameterError,
+    ModelLoadError,
+    UnsupportedArchitectureError,
+)
+
+
+def __getattr__(name):
+    # Lazy: `import genlab` (and `genlab --help`) stays fast; torch loads on first real use.
+    if name in ("load", "build", "LanguageModel"):
+        from genlab import lm
+
+        return getattr(lm, name)
+    if name in ("train_tokenizer", "load_tokenizer"):
+        from genlab.codecs import text
+
+        return getattr(text, name)
+    if name == "SamplingParams":
+        from genlab.generate.sampling import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'genlab' has no attribute {name!r}")
+
+
+__all__ = [
+    "load", "build", "LanguageModel", "train_tokenizer", "load_tokenizer", "SamplingParams",
+    "GenlabError", "ModelLoadError", "UnsupportedArchitectureError", "InvalidParameterError",
+    "ContextLengthError", "DataError",
+]
