@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from genlab.errors import GenlabError
@@ -35,16 +36,13 @@ Dtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")]
 Device = Annotated[str, typer.Option(help="cpu | cuda | cuda:1 ...")]
 
 
-def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
 def main() -> None:
+    """Entry point: bad input (a GenlabError) is one line on stderr and exit code 2."""
     try:
         app()
     except GenlabError as e:
-        fail(str(e))
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 @tokenizer_app.command("train")
