@@ -86,6 +86,37 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
 
 
+class FusedLinear:
+    """Projections of one input as a single matrix product, for inference.
+
+    On CPU the fused weight is pre-packed for oneDNN, whose small-batch matrix products run
+    1.3-2.3x faster than MKL's here; that is a packed copy beside the parameters. Elsewhere it is
+    one plain matrix and the parameters become views into it (no extra memory).
+    """
+
+    def __init__(self, *linears: nn.Linear):
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        biases = [lin.bias for lin in linears]
+        self.bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+        self.packed = None
+        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+            except (RuntimeError, AttributeError):  # a torch build without this oneDNN op
+                self.packed = None
+        if self.packed is None:
+            self.weight, start = weight, 0
+            for lin in linears:
+                n = lin.weight.shape[0]
+                lin.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+                start += n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -94,13 +125,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-        self.qkv = None  # fused (weight, bias) after pack_for_inference()
+        self.qkv = self.out = None  # FusedLinear after pack_for_inference()
 
     def forward(self, x, cos, sin, cache: KVCache | None, cache_pos, kv_len, mask):
         b, t, _ = x.shape
         if self.qkv is not None:
             # One matmul for q, k and v; RoPE on q and k together (they are adjacent columns).
-            qkv = F.linear(x, *self.qkv).view(b, t, self.n_heads + 2 * self.n_kv, self.hd)
+            qkv = self.qkv(x).view(b, t, self.n_heads + 2 * self.n_kv, self.hd)
             qk, v = qkv[:, :, : self.n_heads + self.n_kv].transpose(1, 2), qkv[:, :, self.n_heads + self.n_kv :].transpose(1, 2)
             qk = qk * cos + rotate_half(qk) * sin
             q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
@@ -122,7 +153,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+        return (self.out or self.o_proj)(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
 
     def attend_one(self, q, k, v, mask):
         """Attention for a single query position (decoding): two small matmuls, which on CPU
@@ -143,12 +174,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up = None  # fused weight after pack_for_inference()
+        self.gate_up = self.down = None  # FusedLinear after pack_for_inference()
 
     def forward(self, x):
         if self.gate_up is not None:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -159,11 +190,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # In fp32 like HF Llama, so bf16 runs match reference numerics. Written out: on CPU
-        # these four ops are ~4x faster than F.rms_norm's composite kernel.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # In fp32 like HF Llama, so bf16 runs match reference numerics. Written out, in place
+        # where possible: on CPU this is faster than F.rms_norm's composite kernel.
+        h = x if x.dtype == torch.float32 else x.float()
+        h = h * h.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        return self.weight * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 class Block(nn.Module):
@@ -197,6 +228,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.head = None  # FusedLinear after pack_for_inference()
         # A plain fp32 attribute, not a buffer: `.to(bfloat16)` must not round the frequencies.
         self.inv_freq = rope_inv_freq(cfg)
 
@@ -216,33 +248,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def pack_for_inference(self) -> "Transformer":
-        """Re-lay the weights for fast decoding; values, names and shapes stay the same.
-
-        Each projection's weight moves to column-major storage (a matrix-vector product then
-        streams memory in order: ~1.7x faster on CPU), and q/k/v and gate/up become views into
-        one fused matrix each, so a block runs 4 matmuls instead of 7. Inference only: the fused
-        path bypasses the per-projection parameters, so gradients would not reach them.
-        """
-
-        def column_major(*linears: nn.Linear) -> torch.Tensor:
-            fused = torch.cat([lin.weight for lin in linears]).t().contiguous().t()  # [out, in] view of [in, out]
-            start = 0
-            for lin in linears:
-                n = lin.weight.shape[0]
-                lin.weight = nn.Parameter(fused[start : start + n], requires_grad=False)
-                start += n
-            return fused
-
-        for block in self.model.layers:
-            a, m = block.self_attn, block.mlp
-            bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None
-            a.qkv = (column_major(a.q_proj, a.k_proj, a.v_proj), bias)
-            m.gate_up = column_major(m.gate_proj, m.up_proj)
-            column_major(a.o_proj)
-            column_major(m.down_proj)
-        column_major(self.lm_head)
-        if self.config.tie_embeddings:
-            self.model.embed_tokens.weight = self.lm_head.weight
+        """Fuse and pre-pack the projections for fast decoding (parameters keep their values,
+        names and shapes). A block then runs 4 matrix products instead of 7. Inference only:
+        the fused path bypasses the parameters, so gradients would not reach them."""
+        if self.head is None:
+            for block in self.model.layers:
+                a, m = block.self_attn, block.mlp
+                a.qkv, a.out = FusedLinear(a.q_proj, a.k_proj, a.v_proj), FusedLinear(a.o_proj)
+                m.gate_up, m.down = FusedLinear(m.gate_proj, m.up_proj), FusedLinear(m.down_proj)
+            self.head = FusedLinear(self.lm_head)
+            if self.config.tie_embeddings:
+                self.model.embed_tokens.weight = self.lm_head.weight
         return self
 
     def num_params(self, embeddings: bool = True) -> int:
@@ -282,4 +298,4 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, cache_pos, kv_len, mask)
         if last_only:
             x = x[:, -1:]  # the LM head over a large vocab is costly: skip positions nobody reads
-        return self.lm_head(self.model.norm(x))
+        return (self.head or self.lm_head)(self.model.norm(x))

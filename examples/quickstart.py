@@ -1,0 +1,151 @@
+"""genlab quickstart: the whole tour on bundled data, offline, on a laptop CPU.
+
+    bash scripts/quickstart.sh            # writes everything under runs/quickstart/
+
+1. Text codec: train a byte-level BPE tokenizer on CPython's bundled documentation.
+2. Model: build a small Llama-family transformer, save it as a Hugging Face folder, and check
+   that plain `transformers` loads it with the same logits.
+3. Generation: greedy decoding equals transformers' `generate`; seeded sampling; streaming.
+4. Speed: genlab's engine vs transformers' `generate` on the same weights (plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import transformers  # noqa: E402
+
+import genlab  # noqa: E402
+from genlab.data.corpus import python_docs_corpus  # noqa: E402
+
+console = Console()
+
+
+def step(title: str) -> None:
+    console.rule(f"[bold]{title}")
+
+
+def tokenizer_tour(out: Path, summary: dict):
+    step("1 · tokenizer on bundled Python documentation")
+    docs = python_docs_corpus()
+    start = time.perf_counter()
+    tok = genlab.train_tokenizer(texts=docs, vocab_size=4096, out_dir=out / "tokenizer")
+    seconds = time.perf_counter() - start
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    n_tokens = sum(map(len, ids))
+    lossless = all(tok.decode(i, skip_special_tokens=False) == d for i, d in zip(ids, docs))
+    chars = sum(map(len, docs))
+    console.print(f"{len(docs)} documents, {chars:,} characters -> {n_tokens:,} tokens "
+                  f"({chars / n_tokens:.2f} chars/token), trained in {seconds:.1f}s; lossless round trip: {lossless}")
+    summary.update(corpus_docs=len(docs), corpus_chars=chars, corpus_tokens=n_tokens,
+                   chars_per_token=round(chars / n_tokens, 2), tokenizer_lossless=lossless)
+    return tok
+
+
+def model_tour(tok, out: Path, summary: dict):
+    step("2 · a 2M-parameter transformer, saved as a Hugging Face folder")
+    from transformers import AutoModelForCausalLM
+
+    model = genlab.build("2m", tok, seed=0)
+    model.save(out / "model")
+    hf = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    ids = torch.tensor([tok("def fibonacci(n):")["input_ids"]])
+    with torch.no_grad():
+        diff = (model.module(ids) - hf(ids).logits).abs().max().item()
+    console.print(f"{model.module.num_params() / 1e6:.2f}M parameters -> {out / 'model'}; "
+                  f"transformers loads it as {type(hf).__name__}, max logit difference {diff:.1e}")
+    summary.update(params_m=round(model.module.num_params() / 1e6, 2), hf_logit_max_diff=diff)
+    return genlab.load(out / "model"), hf
+
+
+def generation_tour(model, hf, summary: dict):
+    step("3 · generation (the model is untrained: the text is noise until `genlab pretrain`)")
+    prompt = "The for statement"
+    ours = model.generate(prompt, max_new_tokens=24, temperature=0)
+    ids = model.encode(prompt)
+    ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      max_new_tokens=24, do_sample=False, pad_token_id=model.tokenizer.pad_token_id,
+                      eos_token_id=model.eos_token_ids)[0, len(ids):].tolist()
+    same = ours.token_ids == [t for t in ref if t not in model.eos_token_ids][: len(ours.token_ids)]
+    a = model.generate(prompt, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=42).text
+    b = model.generate(prompt, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=42).text
+    console.print(f"greedy equals transformers' generate: {same}; same seed -> same text: {a == b}")
+    console.print("streamed: ", end="")
+    for piece in model.stream(prompt, max_new_tokens=16, temperature=0.8, seed=1):
+        console.print(piece, end="", markup=False, highlight=False)
+    console.print()
+    summary.update(greedy_equals_transformers=same, seeded_sampling_reproducible=a == b)
+
+
+def speed_tour(model, hf, out: Path, summary: dict, new_tokens: int):
+    step("4 · decode speed vs transformers' generate (same weights, greedy)")
+    rows = []
+    for batch in (1, 16):
+        prompts = [model.encode(f"Topic {i}: the with statement") for i in range(batch)]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[model.tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        params = genlab.SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=[])
+        model.engine.eos_token_ids = []  # both sides generate exactly new_tokens tokens
+        model.engine.generate(prompts, params)
+        start = time.perf_counter()
+        model.engine.generate(prompts, params)
+        ours = batch * new_tokens / (time.perf_counter() - start)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        do_sample=False, pad_token_id=model.tokenizer.pad_token_id, eos_token_id=None)
+            theirs = batch * new_tokens / (time.perf_counter() - start)
+        rows.append((batch, ours, theirs))
+    table = Table("batch", "genlab tok/s", "transformers tok/s", "ratio")
+    for batch, ours, theirs in rows:
+        table.add_row(str(batch), f"{ours:,.0f}", f"{theirs:,.0f}", f"{ours / theirs:.2f}x")
+    console.print(table)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r[1] for r in rows], width=0.4, label="genlab")
+    ax.bar([i + 0.2 for i in x], [r[2] for r in rows], width=0.4, label="transformers generate")
+    ax.set_xticks(list(x), [f"batch {r[0]}" for r in rows])
+    ax.set_ylabel("tokens / s")
+    ax.set_title("Decode speed, 2M model, CPU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "generate_speed.png", dpi=120)
+    summary.update({f"decode_ratio_batch{b}": round(o / t, 2) for b, o, t in rows})
+    return out / "generate_speed.png"
+
+
+def main():
+    transformers.utils.logging.disable_progress_bar()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary, plots = {}, []
+    start = time.perf_counter()
+    tok = tokenizer_tour(args.out, summary)
+    model, hf = model_tour(tok, args.out, summary)
+    generation_tour(model, hf, summary)
+    plots.append(speed_tour(model, hf, args.out, summary, args.new_tokens))
+    step("summary")
+    table = Table("measured", "value")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.2e}" if isinstance(value, float) and value < 1e-3 else str(value))
+    console.print(table)
+    console.print(f"plots: {', '.join(map(str, plots))}")
+    console.print(f"tour finished in {time.perf_counter() - start:.0f}s; outputs in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
