@@ -59,6 +59,17 @@ def test_hf_folders_load_natively_with_same_logits(hf_folder, kind, overrides):
     torch.testing.assert_close(genlab_logits(model), hf_logits(hf), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_loaded_models_save_back_to_their_own_architecture(hf_folder, tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    folder, hf = hf_folder(kind)
+    genlab.load(folder).save(tmp_path / "copy")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "copy").eval()
+    assert type(again) is type(hf)
+    torch.testing.assert_close(hf_logits(again), hf_logits(hf), atol=1e-5, rtol=0)
+
+
 def test_other_architectures_fall_back_to_transformers(hf_folder):
     folder, hf = hf_folder("gpt2")
     model = genlab.load(folder)

@@ -24,8 +24,9 @@ class LanguageModel:
     """A causal LM plus its tokenizer: genlab's own transformer or (fallback) a transformers model."""
 
     def __init__(self, module: torch.nn.Module, tokenizer, meta: dict | None = None, generation: dict | None = None,
-                 compile: bool = False):
+                 compile: bool = False, hf_config: dict | None = None):
         self.module = module.eval()
+        self.hf_config = hf_config  # the config.json this model was loaded with, if any
         self.tokenizer = tokenizer
         self.meta = meta or {}
         self.generation_config = generation or {}
@@ -105,7 +106,7 @@ class LanguageModel:
             generation["bos_token_id"] = self.tokenizer.bos_token_id
         if self.tokenizer.pad_token_id is not None:
             generation["pad_token_id"] = self.tokenizer.pad_token_id
-        return io.save(path, self.module, self.tokenizer, meta=self.meta, generation=generation)
+        return io.save(path, self.module, self.tokenizer, meta=self.meta, generation=generation, hf_config=self.hf_config)
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu", compile: bool = False) -> LanguageModel:
@@ -114,7 +115,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str =
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}.get(dtype) or _bad_dtype(dtype)
     loaded = io.load(path, dtype=dtype, device=device)
-    return LanguageModel(loaded.module, loaded.tokenizer, loaded.meta, loaded.generation, compile=compile)
+    return LanguageModel(loaded.module, loaded.tokenizer, loaded.meta, loaded.generation, compile=compile,
+                         hf_config=loaded.hf_config)
 
 
 def _bad_dtype(name):

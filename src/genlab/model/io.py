@@ -34,6 +34,7 @@ class LoadedModel:
     native: bool
     meta: dict = field(default_factory=dict)  # genlab.json ({} for foreign folders)
     generation: dict = field(default_factory=dict)  # generation_config.json
+    hf_config: dict = field(default_factory=dict)  # config.json as found (written back on save)
 
 
 def read_json(path: Path) -> dict:
@@ -205,15 +206,21 @@ def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str =
         native=native,
         meta=read_json(meta_file) if meta_file.exists() else {},
         generation=read_json(gen_file) if gen_file.exists() else {},
+        hf_config=hf,
     )
 
 
-def save(path: str | Path, module: torch.nn.Module, tokenizer, meta: dict | None = None, generation: dict | None = None) -> Path:
-    """Write an HF-loadable folder atomically (a failed save leaves any previous folder intact)."""
+def save(path: str | Path, module: torch.nn.Module, tokenizer, meta: dict | None = None, generation: dict | None = None,
+         hf_config: dict | None = None) -> Path:
+    """Write an HF-loadable folder atomically (a failed save leaves any previous folder intact).
+
+    `hf_config`: the config.json a loaded model came with, kept as is (a Qwen2 model stays
+    Qwen2); new genlab models get a Llama config.
+    """
     path = Path(path)
     with atomic_dir(path) as tmp:
         if isinstance(module, Transformer):
-            write_json(tmp / "config.json", config_to_hf(module.config, tokenizer))
+            write_json(tmp / "config.json", hf_config or config_to_hf(module.config, tokenizer))
             state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
             if module.config.tie_embeddings:
                 state.pop("lm_head.weight")  # safetensors can't store shared tensors; HF re-ties
