@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from genlab.codecs.text import BOS, CHAT_TEMPLATE, SPECIAL_TOKENS, iter_texts, render_chat, train_tokenizer
+from genlab.codecs.text import BOS, CHAT_TEMPLATE, SPECIAL_TOKENS, render_chat, train_tokenizer
 from genlab.data.corpus import python_docs_corpus
+from genlab.data.readers import iter_texts
 from genlab.errors import DataError, InvalidParameterError
 
 TRICKY = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -210,6 +211,51 @@ def chat(
             sys.stdout.flush()
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@app.command()
+def pretrain(
+    data: Annotated[Optional[list[Path]], typer.Argument(help="Files / folders / JSONL / CSV / Parquet; none = bundled Python docs.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (model/, metrics.jsonl, loss.png ...).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of TrainConfig fields; flags win.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Model size preset (genlab model presets).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Existing tokenizer folder (default: train one).")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary of the tokenizer trained on the data.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per training sequence.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per micro-batch per process.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop cleanly after this many minutes.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Validate every N steps.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
+    near_dedup: Annotated[Optional[float], typer.Option(help="Drop near-duplicates above this MinHash similarity.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for init and data order.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (GPU).")] = None,
+    fsdp: Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Shard parameters across torchrun processes.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+):
+    """Pretrain a new model from scratch (tokenizer -> token files -> transformer -> curves -> samples).
+
+    Example: genlab pretrain docs/ --out runs/mine --preset 10m --max-steps 2000
+    Example (2 GPUs): torchrun --nproc_per_node 2 -m genlab.cli pretrain docs/ --out runs/mine
+    """
+    import genlab
+    from genlab.train.pretrain import pretrain as run_pretrain
+
+    overrides = dict(out=str(out) if out else None, data=[str(p) for p in data] if data else None, preset=preset,
+                     tokenizer=str(tokenizer) if tokenizer else None, vocab_size=vocab_size, seq_len=seq_len,
+                     batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, max_minutes=max_minutes, lr=lr,
+                     warmup_steps=warmup_steps, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                     near_dedup=near_dedup, seed=seed, device=device, compile=compile, fsdp=fsdp)
+    result = run_pretrain(config_file=config, resume=resume, console=err, **overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        model = genlab.load(result.model_dir)
+        for prompt in ("The for statement", "def "):
+            sample = model.generate(prompt, max_new_tokens=40, temperature=0.8, top_p=0.95, seed=0).text
+            print(f"--- sample ---\n{prompt}{sample}")
 
 
 if __name__ == "__main__":

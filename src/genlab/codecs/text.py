@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from genlab.errors import DataError, InvalidParameterError, ModelLoadError
 from genlab.fsutil import atomic_dir
@@ -17,7 +17,6 @@ from genlab.fsutil import atomic_dir
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]  # ids 0, 1, 2, ...
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".html", ".htm", ".csv", ".tex", ".json"}
 
 # HF convention (messages, add_generation_prompt, bos_token, raise_exception).
 CHAT_TEMPLATE = (
@@ -36,54 +35,9 @@ PLAIN_CHAT_TEMPLATE = (  # for tokenizers with neither a template nor genlab's c
 )
 
 
-def _jsonl_texts(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            if isinstance(record.get("text"), str):
-                yield record["text"]
-            elif isinstance(record.get("messages"), list):
-                yield "\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict))
-            elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-                yield record["prompt"] + record["completion"]
-            else:
-                raise DataError(f"{path}:{n}: no text field (expected 'text', 'messages' or 'prompt'+'completion')")
-
-
-def iter_texts(sources: str | Path | Iterable[str | Path]) -> Iterator[str]:
-    """Documents from files, folders (recursive, text suffixes only) and JSONL files."""
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-        elif path.is_file():
-            files = [path]
-        else:
-            raise DataError(f"{path}: no such file or folder")
-        for f in files:
-            try:
-                if f.suffix.lower() == ".jsonl":
-                    yield from (t for t in _jsonl_texts(f) if t)
-                else:
-                    text = f.read_text(encoding="utf-8")
-                    if text:
-                        yield text
-            except UnicodeDecodeError as e:
-                raise DataError(f"{f}: not UTF-8 text (byte {e.start})") from None
-
-
 def train_tokenizer(sources=None, *, texts: Iterable[str] | None = None, vocab_size: int = 8192,
                     min_frequency: int = 2, extra_special_tokens: Iterable[str] = (), out_dir=None):
-    """Train a byte-level BPE on `sources` (paths, see iter_texts) or on `texts` (strings).
+    """Train a byte-level BPE on `sources` (paths, see data.readers.iter_texts) or on `texts`.
 
     Returns a `transformers.PreTrainedTokenizerFast`; with `out_dir`, also saves it there
     atomically (an existing folder is replaced only once the new one is complete).
@@ -100,6 +54,8 @@ def train_tokenizer(sources=None, *, texts: Iterable[str] | None = None, vocab_s
     counted = [0]
 
     def corpus():
+        from genlab.data.readers import iter_texts
+
         for t in iter_texts(sources) if texts is None else texts:
             if t:
                 counted[0] += 1

@@ -1,0 +1,74 @@
+"""One process or many: torchrun / accelerate launch set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*.
+
+Data-parallel with DDP (gloo on CPU, NCCL on GPU), or parameter sharding with FSDP2
+(`fully_shard`, one unit per transformer block) for models that do not fit one GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, values: list[float]) -> list[float]:
+        """Average a few numbers over processes (identity in a single process)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup(device: str = "auto") -> Dist:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def wrap(module: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
+    if d.world == 1 and not fsdp:
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in module.model.layers:
+            fully_shard(block)
+        return fully_shard(module)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

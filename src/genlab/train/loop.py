@@ -1,0 +1,230 @@
+"""The training loop, shared by pretraining and fine-tuning.
+
+AdamW (fused where available) with linear warmup + cosine decay, gradient accumulation and
+clipping, bf16 autocast on GPU, optional torch.compile, periodic validation, a progress bar,
+JSONL metrics, a loss plot, and atomic checkpoints from which a killed run resumes onto the same
+loss curve: the data order is a pure function of (seed, step), so restoring model, optimizer
+and step restores everything.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from genlab.errors import GenlabError
+from genlab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from genlab.train.config import TrainConfig
+from genlab.train.curves import MetricsLog, plot_curves
+from genlab.train.distributed import Dist, wrap
+
+
+class TokenWindows:
+    """A token stream cut into fixed-length training windows (packing: documents back to back,
+    separated by their bos/eos tokens). Window w covers tokens [w*T, w*T + T + 1)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.seq_len
+        rows = np.stack([np.asarray(self.tokens[w * t : w * t + t + 1], dtype=np.int64) for w in windows])
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+class Sampler:
+    """Which windows each process reads at each step: a fresh permutation per epoch, seeded.
+
+    Global step s reads the global batch [s*G, (s+1)*G) of the epoch-concatenated order, G =
+    batch * accumulation * processes; micro-step m of rank r reads slice (m*world + r). So one
+    process with accumulation k sees exactly the samples of k processes without it.
+    """
+
+    def __init__(self, n_windows: int, batch: int, accum: int, d: Dist, seed: int):
+        self.n, self.batch, self.accum, self.d, self.seed = n_windows, batch, accum, d, seed
+        self.global_batch = batch * accum * d.world
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng(self.seed + epoch).permutation(self.n))
+        return self._perm[1]
+
+    def windows(self, step: int, micro: int) -> np.ndarray:
+        start = step * self.global_batch + (micro * self.d.world + self.d.rank) * self.batch
+        idx = np.arange(start, start + self.batch)
+        return np.array([self._order(i // self.n)[i % self.n] for i in idx])
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    fused = not cfg.fsdp and device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; targets of -100 (masked positions) don't count."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+@dataclass
+class Result:
+    step: int
+    tokens: int
+    train_loss: float
+    val_loss: float
+    seconds: float
+    tokens_per_s: float
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, module: torch.nn.Module, train: TokenWindows, val: TokenWindows,
+                 out: Path, d: Dist, fingerprint: dict, console: Console | None = None):
+        if len(train) < 1:
+            raise GenlabError(f"the training data has {len(train.tokens):,} tokens; one sequence needs "
+                              f"{cfg.seq_len + 1} (lower seq_len or add data)")
+        if len(val) < 1:
+            raise GenlabError(f"the validation split has {len(val.tokens):,} tokens; one sequence needs "
+                              f"{cfg.seq_len + 1} (raise val_fraction, lower seq_len or add data)")
+        self.cfg, self.out, self.d, self.fingerprint = cfg, Path(out), d, fingerprint
+        self.console = console or Console(stderr=True)
+        self.raw = module.to(d.device)
+        self.model = wrap(self.raw, d, cfg.fsdp)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = make_optimizer(self.model, cfg, d.device)
+        self.train_set, self.val_set = train, val
+        self.sampler = Sampler(len(train), cfg.batch_size, cfg.grad_accum, d, cfg.seed)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and cfg.bf16
+                         else nullcontext())
+        self.ckpt_dir = self.out / "checkpoints"
+
+    # --- resume --------------------------------------------------------------------------
+    def resume_step(self) -> int:
+        """Restore the newest checkpoint; its step (0 when starting fresh)."""
+        found = list_checkpoints(self.ckpt_dir)
+        if not found:
+            return 0
+        state = load_checkpoint(found[-1], self.model, self.optimizer)
+        theirs = state.get("fingerprint", {})
+        diff = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
+        if diff:
+            raise GenlabError(f"{found[-1]}: checkpoint is from a different configuration ({', '.join(diff)} "
+                              "differ); nothing was changed — use another --out or the original settings")
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        return state["step"]
+
+    # --- one step ------------------------------------------------------------------------
+    def _train_step(self, step: int) -> tuple[float, float]:
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        total = torch.zeros((), device=self.d.device)
+        for micro in range(cfg.grad_accum):
+            x, y = (t.to(self.d.device, non_blocking=True) for t in self.train_set.get(self.sampler.windows(step, micro)))
+            sync = micro == cfg.grad_accum - 1 or not hasattr(self.model, "no_sync")
+            with (nullcontext() if sync else self.model.no_sync()), self.autocast:
+                loss = token_loss(self.forward(x), y)
+            (loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return (total / cfg.grad_accum).item(), float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        cfg, n = self.cfg, len(self.val_set)
+        batches = [np.arange(i, min(i + cfg.batch_size, n)) for i in range(0, min(n, cfg.eval_batches * cfg.batch_size), cfg.batch_size)]
+        loss_sum, count = 0.0, 0
+        for windows in batches[self.d.rank :: self.d.world]:
+            x, y = (t.to(self.d.device) for t in self.val_set.get(windows))
+            with self.autocast:
+                loss_sum += token_loss(self.forward(x), y).item() * len(windows)
+            count += len(windows)
+        self.model.train()
+        loss_sum, count = self.d.all_sum([loss_sum, count])
+        return loss_sum / max(count, 1)
+
+    def _checkpoint(self, step: int, tokens: int) -> None:
+        state = {"step": step, "tokens": tokens, "fingerprint": self.fingerprint,
+                 "data_position": step * self.sampler.global_batch, "torch_rng": torch.get_rng_state().tolist()}
+        save_checkpoint(self.ckpt_dir, self.model, self.optimizer, state, self.cfg.keep_checkpoints, self.d.is_main)
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Result:
+        cfg, d = self.cfg, self.d
+        if not resume and list_checkpoints(self.ckpt_dir):
+            raise GenlabError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        start_step = self.resume_step() if resume else 0
+        log = MetricsLog(self.out / "metrics.jsonl", resume_step=start_step if resume else None) if d.is_main else None
+        tokens_per_step = self.sampler.global_batch * cfg.seq_len
+        tokens = start_step * tokens_per_step
+        self.model.train()
+        t0 = last_t = time.perf_counter()
+        last_tokens, train_loss, val_loss = tokens, float("nan"), float("nan")
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.3f} · {task.fields[rate]:,.0f} tok/s"),
+                            TimeRemainingColumn(), console=self.console, disable=not d.is_main, transient=False)
+        step = start_step
+        with progress:
+            task = progress.add_task("train", total=cfg.max_steps, completed=start_step, loss=float("nan"), rate=0.0)
+            while step < cfg.max_steps:
+                try:
+                    train_loss, grad_norm = self._train_step(step)
+                except torch.OutOfMemoryError:
+                    raise GenlabError(f"out of GPU memory at batch_size {cfg.batch_size} x seq_len {cfg.seq_len}; try "
+                                      f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}") from None
+                step += 1
+                tokens += tokens_per_step
+                last = step == cfg.max_steps
+                if step % cfg.log_every == 0 or last:
+                    now = time.perf_counter()
+                    rate = (tokens - last_tokens) / max(now - last_t, 1e-9)
+                    (train_loss,) = d.all_mean([train_loss])
+                    record = {"step": step, "tokens": tokens, "loss": round(train_loss, 5), "lr": lr_at(step - 1, cfg),
+                              "grad_norm": round(grad_norm, 4), "tokens_per_s": round(rate, 1), "elapsed_s": round(now - t0, 2)}
+                    if log:
+                        log.write(record)
+                    last_t, last_tokens = now, tokens
+                    progress.update(task, loss=train_loss, rate=rate)
+                    if cfg.max_minutes and d.all_mean([float(now - t0 > 60 * cfg.max_minutes)])[0] > 0:
+                        last = True  # out of time: finish like a completed run
+                if step % cfg.eval_every == 0 or last:
+                    val_loss = self.evaluate()
+                    if log:
+                        log.write({"step": step, "tokens": tokens, "val_loss": round(val_loss, 5),
+                                   "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
+                        plot_curves(log.records(), self.out / "loss.png", f"{self.out.name}")
+                if step % cfg.checkpoint_every == 0 or last:
+                    self._checkpoint(step, tokens)
+                progress.update(task, completed=step)
+                if last:
+                    break
+        seconds = time.perf_counter() - t0
+        return Result(step, tokens, train_loss, val_loss, seconds, (tokens - start_step * tokens_per_step) / max(seconds, 1e-9))
