@@ -171,6 +171,17 @@ class Trainer:
         loss_sum, count = self.d.all_sum([loss_sum, count])
         return loss_sum / max(count, 1)
 
+    @torch.no_grad()
+    def replicas_in_sync(self) -> bool | None:
+        """Data-parallel check: every process holds bit-identical parameters (None if not DDP)."""
+        if self.d.world == 1 or self.cfg.fsdp:
+            return None
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.raw.parameters()])
+        mine = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device).double()).sum()])
+        everyone = [torch.zeros_like(mine) for _ in range(self.d.world)]
+        torch.distributed.all_gather(everyone, mine)
+        return all(torch.equal(everyone[0], other) for other in everyone[1:])
+
     def _checkpoint(self, step: int, tokens: int) -> None:
         state = {"step": step, "tokens": tokens, "fingerprint": self.fingerprint,
                  "data_position": step * self.sampler.global_batch, "torch_rng": torch.get_rng_state().tolist()}

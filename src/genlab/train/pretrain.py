@@ -34,6 +34,7 @@ class PretrainResult:
     result: Result
     first_val_loss: float
     data: dict
+    replicas_in_sync: bool | None = None  # DDP: parameters identical on every process
 
 
 def _barrier(d: distributed.Dist) -> None:
@@ -94,6 +95,7 @@ def pretrain(config: TrainConfig | None = None, config_file: str | Path | None =
     first_val = trainer.evaluate() if not resume else float("nan")
     log(f"validation loss before training: {first_val:.3f}" if not resume else "resuming from the last checkpoint")
     result = trainer.run(resume=resume)
+    in_sync = trainer.replicas_in_sync()
     model_dir = out / "model"
     if d.is_main:
         # The final checkpoint holds the full (unsharded) weights whatever the parallelism.
@@ -110,4 +112,4 @@ def pretrain(config: TrainConfig | None = None, config_file: str | Path | None =
             f"({result.tokens_per_s:,.0f} tok/s); validation loss {first_val:.3f} -> {result.val_loss:.3f}; model -> {model_dir}")
     _barrier(d)
     distributed.teardown()
-    return PretrainResult(out, model_dir, result, first_val, data.meta)
+    return PretrainResult(out, model_dir, result, first_val, data.meta, in_sync)
