@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genlab.model.losses import linear_cross_entropy
+
 
 @dataclass
 class ModelConfig:
@@ -281,6 +283,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `input_ids` [B, T].
 
@@ -288,6 +291,9 @@ class Transformer(nn.Module):
         new keys/values go to slots `cache_pos` and attention covers the first `kv_len` slots
         under the additive float `mask` [B, 1, T, kv_len] (0 = attend, -inf = not); `positions` [B, T] are the
         RoPE positions, which differ per row when prompts are left-padded.
+
+        With `targets` [B, T] (-100 = ignore) it returns the mean next-token cross-entropy
+        instead, through the fused chunked head + loss (no [B, T, V] logits tensor).
         """
         b, t = input_ids.shape
         if positions is None:
@@ -296,6 +302,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin, cache, cache_pos, kv_len, mask)
+        if targets is not None:
+            return linear_cross_entropy(self.model.norm(x), self.lm_head.weight, targets)
         if last_only:
             x = x[:, -1:]  # the LM head over a large vocab is costly: skip positions nobody reads
         return (self.head or self.lm_head)(self.model.norm(x))

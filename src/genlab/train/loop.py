@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -86,11 +85,6 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; targets of -100 (masked positions) don't count."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-
-
 @dataclass
 class Result:
     step: int
@@ -147,7 +141,7 @@ class Trainer:
             x, y = (t.to(self.d.device, non_blocking=True) for t in self.train_set.get(self.sampler.windows(step, micro)))
             sync = micro == cfg.grad_accum - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), self.autocast:
-                loss = token_loss(self.forward(x), y)
+                loss = self.forward(x, targets=y)
             (loss / cfg.grad_accum).backward()
             total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -165,7 +159,7 @@ class Trainer:
         for windows in batches[self.d.rank :: self.d.world]:
             x, y = (t.to(self.d.device) for t in self.val_set.get(windows))
             with self.autocast:
-                loss_sum += token_loss(self.forward(x), y).item() * len(windows)
+                loss_sum += self.forward(x, targets=y).item() * len(windows)
             count += len(windows)
         self.model.train()
         loss_sum, count = self.d.all_sum([loss_sum, count])
