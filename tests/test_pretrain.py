@@ -49,7 +49,7 @@ def test_pretraining_lowers_validation_loss_and_writes_a_model(corpus, tmp_path)
     out = tmp_path / "run"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records if "loss" in x] == list(range(5, 61, 5))
-    assert [x["step"] for x in records if "val_loss" in x] == [20, 40, 60]
+    assert [x["step"] for x in records if "val_loss" in x] == [0, 20, 40, 60]
     assert (out / "loss.png").stat().st_size > 5000
     assert TrainConfig.load(out / "config.yaml") == TrainConfig(**small(corpus, out))
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000040", "step-000060"]  # keep 2

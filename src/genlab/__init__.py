@@ -3,6 +3,7 @@
     import genlab
     tok = genlab.train_tokenizer("docs/", vocab_size=8192, out_dir="tok")
     model = genlab.build("10m", tok)          # or genlab.load("path/to/any/hf-llama-folder")
+    run = genlab.pretrain(data=["docs/"], out="runs/mine", preset="10m", max_steps=2000)
     print(model.generate("Once upon a time", max_new_tokens=40, temperature=0.8).text)
     model.save("my-model")                    # loads in transformers.AutoModelForCausalLM too
 """
@@ -29,6 +30,10 @@ def __getattr__(name):
         from genlab.codecs import text
 
         return getattr(text, name)
+    if name == "pretrain":
+        from genlab.train.pretrain import pretrain
+
+        return pretrain
     if name == "SamplingParams":
         from genlab.generate.sampling import SamplingParams
 
@@ -37,7 +42,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "build", "LanguageModel", "train_tokenizer", "load_tokenizer", "SamplingParams",
+    "load", "build", "LanguageModel", "pretrain", "train_tokenizer", "load_tokenizer", "SamplingParams",
     "GenlabError", "ModelLoadError", "UnsupportedArchitectureError", "InvalidParameterError",
     "ContextLengthError", "DataError",
 ]

@@ -182,12 +182,14 @@ class Trainer:
         save_checkpoint(self.ckpt_dir, self.model, self.optimizer, state, self.cfg.keep_checkpoints, self.d.is_main)
 
     # --- the loop ------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> Result:
+    def run(self, resume: bool = False, initial_val_loss: float | None = None) -> Result:
         cfg, d = self.cfg, self.d
         if not resume and list_checkpoints(self.ckpt_dir):
             raise GenlabError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         start_step = self.resume_step() if resume else 0
         log = MetricsLog(self.out / "metrics.jsonl", resume_step=start_step if resume else None) if d.is_main else None
+        if log and initial_val_loss is not None and not resume:
+            log.write({"step": 0, "tokens": 0, "val_loss": round(initial_val_loss, 5)})
         tokens_per_step = self.sampler.global_batch * cfg.seq_len
         tokens = start_step * tokens_per_step
         self.model.train()

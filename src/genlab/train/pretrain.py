@@ -94,7 +94,7 @@ def pretrain(config: TrainConfig | None = None, config_file: str | Path | None =
                       TokenWindows(data.tokens("val"), cfg.seq_len), out, d, fingerprint, console)
     first_val = trainer.evaluate() if not resume else float("nan")
     log(f"validation loss before training: {first_val:.3f}" if not resume else "resuming from the last checkpoint")
-    result = trainer.run(resume=resume)
+    result = trainer.run(resume=resume, initial_val_loss=None if resume else first_val)
     in_sync = trainer.replicas_in_sync()
     model_dir = out / "model"
     if d.is_main:
