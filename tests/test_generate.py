@@ -197,3 +197,11 @@ def test_chat_uses_the_template_and_stops_at_end_token(tmp_path, tokenizer):
     assert tokenizer.decode(ids) == "<|bos|><|user|>\nhi<|end|>\n<|assistant|>\n"
     end = tokenizer.convert_tokens_to_ids("<|end|>")
     assert end in model.eos_token_ids
+
+
+def test_compiled_static_decode_equals_eager(hf_folder):
+    """The torch.compile path (static cache shapes; CUDA graphs on GPU) runs on CPU too."""
+    folder, _ = hf_folder("llama")
+    eager, compiled = genlab.load(folder), genlab.load(folder, compile=True)
+    kw = dict(max_new_tokens=12, temperature=0, stop_token_ids=[])
+    assert [c.token_ids for c in compiled.generate(PROMPTS, **kw)] == [c.token_ids for c in eager.generate(PROMPTS, **kw)]

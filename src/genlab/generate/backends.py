@@ -33,7 +33,7 @@ class NativeBackend:
     """
 
     def __init__(self, module: Transformer, compile: bool = False):
-        self.module = module.pack_for_inference()
+        self.module = module.pack_for_inference(prepack=not compile)  # compile can't trace oneDNN's packed weights
         self.max_seq_len = module.config.max_seq_len
         self.device = module.lm_head.weight.device
         self.dtype = module.lm_head.weight.dtype

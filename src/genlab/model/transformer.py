@@ -96,12 +96,13 @@ class FusedLinear:
     one plain matrix and the parameters become views into it (no extra memory).
     """
 
-    def __init__(self, *linears: nn.Linear):
+    def __init__(self, *linears: nn.Linear, prepack: bool = True):
         weight = torch.cat([lin.weight.detach() for lin in linears])
         biases = [lin.bias for lin in linears]
         self.bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
         self.packed = None
-        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+        cpu = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+        if prepack and cpu and torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
             except (RuntimeError, AttributeError):  # a torch build without this oneDNN op
@@ -249,16 +250,19 @@ class Transformer(nn.Module):
         return self
 
     @torch.no_grad()
-    def pack_for_inference(self) -> "Transformer":
+    def pack_for_inference(self, prepack: bool = True) -> "Transformer":
         """Fuse and pre-pack the projections for fast decoding (parameters keep their values,
         names and shapes). A block then runs 4 matrix products instead of 7. Inference only:
-        the fused path bypasses the parameters, so gradients would not reach them."""
+        the fused path bypasses the parameters, so gradients would not reach them.
+        `prepack=False` keeps plain matrices (what torch.compile can trace)."""
         if self.head is None:
             for block in self.model.layers:
                 a, m = block.self_attn, block.mlp
-                a.qkv, a.out = FusedLinear(a.q_proj, a.k_proj, a.v_proj), FusedLinear(a.o_proj)
-                m.gate_up, m.down = FusedLinear(m.gate_proj, m.up_proj), FusedLinear(m.down_proj)
-            self.head = FusedLinear(self.lm_head)
+                a.qkv = FusedLinear(a.q_proj, a.k_proj, a.v_proj, prepack=prepack)
+                a.out = FusedLinear(a.o_proj, prepack=prepack)
+                m.gate_up = FusedLinear(m.gate_proj, m.up_proj, prepack=prepack)
+                m.down = FusedLinear(m.down_proj, prepack=prepack)
+            self.head = FusedLinear(self.lm_head, prepack=prepack)
             if self.config.tie_embeddings:
                 self.model.embed_tokens.weight = self.lm_head.weight
         return self
