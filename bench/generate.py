@@ -42,15 +42,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    times = []
+def timed(fns, device, repeats):
+    """Median seconds of each function, run in interleaved rounds (drift hits all alike)."""
+    times, results = [[] for _ in fns], [None] * len(fns)
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for i, fn in enumerate(fns):
+            sync(device)
+            start = time.perf_counter()
+            results[i] = fn()
+            sync(device)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times], results
 
 
 def run(size: str, batch: int, args) -> dict:
@@ -86,8 +88,7 @@ def run(size: str, batch: int, args) -> dict:
 
     engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))  # warm-up (and compile)
     hf_run() if args.repeats > 1 else None
-    t_ours, tokens_ours = timed(genlab_run, args.device, args.repeats)
-    t_hf, tokens_hf = timed(hf_run, args.device, args.repeats)
+    (t_ours, t_hf), (tokens_ours, tokens_hf) = timed([genlab_run, hf_run], args.device, args.repeats)
     same = sum(a == b for a, b in zip(tokens_ours, tokens_hf))
     return dict(model=size, params_m=round(ours.num_params() / 1e6, 1), batch=batch,
                 genlab_tok_s=round(batch * n / t_ours, 1), transformers_tok_s=round(batch * n / t_hf, 1),

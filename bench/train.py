@@ -44,6 +44,7 @@ def sync(device):
 
 
 def measure(step, batches, device, warmup: int) -> float:
+    """Median seconds per step over `batches`, after `warmup` steps."""
     for x, y in batches[:warmup]:
         step(x, y)
     sync(device)
@@ -62,7 +63,8 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true")
@@ -102,16 +104,22 @@ def main():
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
 
-    t_hf = measure(hf_step, batches, device, args.warmup)
-    t_ours = measure(genlab_step, batches, device, args.warmup)
+    # Interleaved rounds, so drift on a shared machine hits every variant alike.
+    sides = {"genlab": genlab_step, "transformers": hf_step}
+    times = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, fn in sides.items():
+            times[name].append(measure(fn, batches, device, args.warmup))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    t_ours, t_hf = median["genlab"], median["transformers"]
     tokens = args.batch * args.seq_len
     machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"# training step: genlab vs transformers — {date.today()} — {machine} — torch {torch.__version__} — "
           f"{args.preset} ({ours.num_params() / 1e6:.1f}M), batch {args.batch} x {args.seq_len}, "
-          f"{'bf16 autocast' if cuda else 'fp32'}{' + compile (genlab)' if args.compile else ''}")
-    print(f"genlab        {tokens / t_ours:>12,.0f} tok/s  ({t_ours * 1e3:.1f} ms/step)")
-    print(f"transformers  {tokens / t_hf:>12,.0f} tok/s  ({t_hf * 1e3:.1f} ms/step)")
-    print(f"ratio         {t_hf / t_ours:>12.2f}x")
+          f"{'bf16 autocast' if cuda else 'fp32'}{' + compile (genlab)' if args.compile else ''}, "
+          f"median of {args.rounds} interleaved rounds x {args.steps} steps")
+    for name, t in median.items():
+        print(f"{name:<22} {tokens / t:>10,.0f} tok/s  ({t * 1e3:.1f} ms/step)  ratio {t_hf / t:.2f}x")
     if cuda:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
