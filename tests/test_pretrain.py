@@ -97,7 +97,8 @@ def test_resume_after_sigkill_follows_the_same_loss_curve(corpus, tmp_path):
     assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-6)
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_path, fsdp):
     script = tmp_path / "ddp.py"
     script.write_text(
         "import json, os, sys\n"
@@ -106,14 +107,14 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_
         "r = pretrain(**kw)\n"
         "json.dump({'sync': r.replicas_in_sync, 'loss': r.result.train_loss},"
         " open(kw['out'] + f\"/rank{os.environ['RANK']}.json\", 'w'))\n")
-    kw = small(corpus, tmp_path / "ddp", max_steps=12, batch_size=4, eval_every=6, checkpoint_every=6, log_every=3)
+    kw = small(corpus, tmp_path / "ddp", max_steps=12, batch_size=4, eval_every=6, checkpoint_every=6, log_every=3, fsdp=fsdp)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29533 + fsdp),
                            str(script), json.dumps(kw)], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["sync"] is True and ranks[1]["sync"] is True
-    single = pretrain(**{**kw, "out": str(tmp_path / "single"), "grad_accum": 2})
+    assert [r["sync"] for r in ranks] == ([None, None] if fsdp else [True, True])  # FSDP: shards, not replicas
+    single = pretrain(**{**kw, "out": str(tmp_path / "single"), "grad_accum": 2, "fsdp": False})
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     assert sorted(a) == sorted(b) == [3, 6, 9, 12]
     assert [a[s] for s in sorted(a)] == pytest.approx([b[s] for s in sorted(b)], rel=1e-4)

@@ -156,11 +156,15 @@ class Trainer:
         cfg, n = self.cfg, len(self.val_set)
         batches = [np.arange(i, min(i + cfg.batch_size, n)) for i in range(0, min(n, cfg.eval_batches * cfg.batch_size), cfg.batch_size)]
         loss_sum, count = 0.0, 0
-        for windows in batches[self.d.rank :: self.d.world]:
+        mine = batches[self.d.rank :: self.d.world]
+        # Every process runs the same number of forward passes: under FSDP each is a collective.
+        for i in range(math.ceil(len(batches) / self.d.world)):
+            windows = mine[i] if i < len(mine) else batches[0]
             x, y = (t.to(self.d.device) for t in self.val_set.get(windows))
             with self.autocast:
-                loss_sum += self.forward(x, targets=y).item() * len(windows)
-            count += len(windows)
+                loss = self.forward(x, targets=y).item()
+            if i < len(mine):
+                loss_sum, count = loss_sum + loss * len(windows), count + len(windows)
         self.model.train()
         loss_sum, count = self.d.all_sum([loss_sum, count])
         return loss_sum / max(count, 1)
