@@ -151,11 +151,15 @@ def test_too_little_data_is_a_clear_error(corpus, tmp_path):
 def test_existing_runs_are_never_overwritten(corpus, tmp_path):
     pretrain(**small(corpus, tmp_path / "r", max_steps=5, checkpoint_every=5, eval_every=5))
     before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    config, metrics = ((tmp_path / "r" / f).read_text() for f in ("config.yaml", "metrics.jsonl"))
     with pytest.raises(GenlabError, match="already holds a run; pass --resume"):
         pretrain(**small(corpus, tmp_path / "r", max_steps=5))
     with pytest.raises(GenlabError, match="different configuration \\(seq_len differ\\)"):
         pretrain(**small(corpus, tmp_path / "r", max_steps=10, seq_len=32), resume=True)
+    with pytest.raises(GenlabError, match="different configuration \\(model differ\\)"):
+        pretrain(**small(corpus, tmp_path / "r", max_steps=10, preset="2m"), resume=True)
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
+    assert [(tmp_path / "r" / f).read_text() for f in ("config.yaml", "metrics.jsonl")] == [config, metrics]
 
 
 def test_yaml_config_with_flag_overrides(tmp_path):

@@ -27,6 +27,12 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("step-*") if (p / "trainer.json").exists())
 
 
+def refuse_overwrite(out: Path, resume: bool) -> None:
+    """A run folder with checkpoints is continued with --resume, never silently restarted."""
+    if not resume and list_checkpoints(Path(out) / "checkpoints"):
+        raise GenlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
 def save_checkpoint(folder: Path, model, optimizer, trainer_state: dict, keep: int, is_writer: bool = True) -> Path | None:
     """Gather full state on every rank (collective under FSDP), write on the writer rank."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=FULL)
@@ -51,10 +57,17 @@ def save_checkpoint(folder: Path, model, optimizer, trainer_state: dict, keep: i
     return path
 
 
+def read_trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise GenlabError(f"{path}: unreadable checkpoint ({e})") from None
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model and optimizer in place; return the trainer state."""
+    state = read_trainer_state(path)
     try:
-        state = json.loads((path / "trainer.json").read_text())
         model_sd = load_file(path / "model.safetensors")
         flat = load_file(path / "optimizer.safetensors")
     except (OSError, ValueError, RuntimeError) as e:

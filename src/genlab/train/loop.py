@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from genlab.errors import GenlabError
-from genlab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from genlab.train.checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
 from genlab.train.config import TrainConfig
 from genlab.train.curves import MetricsLog, plot_curves
 from genlab.train.distributed import Dist, wrap
@@ -118,16 +118,17 @@ class Trainer:
 
     # --- resume --------------------------------------------------------------------------
     def resume_step(self) -> int:
-        """Restore the newest checkpoint; its step (0 when starting fresh)."""
+        """Restore the newest checkpoint; its step (0 when starting fresh). A checkpoint of
+        another configuration is refused before anything is loaded or written."""
         found = list_checkpoints(self.ckpt_dir)
         if not found:
             return 0
-        state = load_checkpoint(found[-1], self.model, self.optimizer)
-        theirs = state.get("fingerprint", {})
+        theirs = read_trainer_state(found[-1]).get("fingerprint", {})
         diff = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
         if diff:
             raise GenlabError(f"{found[-1]}: checkpoint is from a different configuration ({', '.join(diff)} "
                               "differ); nothing was changed — use another --out or the original settings")
+        state = load_checkpoint(found[-1], self.model, self.optimizer)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         return state["step"]
 
@@ -186,11 +187,10 @@ class Trainer:
         save_checkpoint(self.ckpt_dir, self.model, self.optimizer, state, self.cfg.keep_checkpoints, self.d.is_main)
 
     # --- the loop ------------------------------------------------------------------------
-    def run(self, resume: bool = False, initial_val_loss: float | None = None) -> Result:
+    def run(self, start_step: int = 0, initial_val_loss: float | None = None) -> Result:
+        """Train from `start_step` (as returned by resume_step(); 0 for a new run)."""
         cfg, d = self.cfg, self.d
-        if not resume and list_checkpoints(self.ckpt_dir):
-            raise GenlabError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        start_step = self.resume_step() if resume else 0
+        resume = start_step > 0
         log = MetricsLog(self.out / "metrics.jsonl", resume_step=start_step if resume else None) if d.is_main else None
         if log and initial_val_loss is not None and not resume:
             log.write({"step": 0, "tokens": 0, "val_loss": round(initial_val_loss, 5)})

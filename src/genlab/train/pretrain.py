@@ -22,7 +22,7 @@ from genlab.model import io
 from genlab.model.presets import preset
 from genlab.model.transformer import Transformer
 from genlab.train import distributed
-from genlab.train.checkpoint import list_checkpoints
+from genlab.train.checkpoint import list_checkpoints, refuse_overwrite
 from genlab.train.config import TrainConfig
 from genlab.train.loop import Result, TokenWindows, Trainer
 
@@ -62,11 +62,8 @@ def pretrain(config: TrainConfig | None = None, config_file: str | Path | None =
     d = distributed.setup(cfg.device)
     log = console.print if d.is_main else (lambda *a, **k: None)
     out = Path(cfg.out)
+    refuse_overwrite(out, resume)
     if d.is_main:
-        if not resume and list_checkpoints(out / "checkpoints"):
-            from genlab.errors import GenlabError
-
-            raise GenlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
     texts = None if cfg.data else python_docs_corpus()
     if texts is not None:
@@ -86,15 +83,16 @@ def pretrain(config: TrainConfig | None = None, config_file: str | Path | None =
     module = Transformer(model_cfg).init_weights(cfg.seed)
     log(f"model {cfg.preset}: {module.num_params() / 1e6:.2f}M parameters; {d.world} process(es) on {d.device}; "
         f"global batch {cfg.batch_size * cfg.grad_accum * d.world} x {cfg.seq_len} tokens")
-    if d.is_main:
-        cfg.save(out / "config.yaml")
     fingerprint = {"model": model_cfg.to_dict(), "seq_len": cfg.seq_len, "data": data.meta["key"],
                    "global_batch": cfg.batch_size * cfg.grad_accum * d.world, "seed": cfg.seed}
     trainer = Trainer(cfg, module, TokenWindows(data.tokens("train"), cfg.seq_len),
                       TokenWindows(data.tokens("val"), cfg.seq_len), out, d, fingerprint, console)
+    start_step = trainer.resume_step() if resume else 0  # refuses a checkpoint of another config
+    if d.is_main:
+        cfg.save(out / "config.yaml")
     first_val = trainer.evaluate() if not resume else float("nan")
-    log(f"validation loss before training: {first_val:.3f}" if not resume else "resuming from the last checkpoint")
-    result = trainer.run(resume=resume, initial_val_loss=None if resume else first_val)
+    log(f"validation loss before training: {first_val:.3f}" if not resume else f"resuming at step {start_step}")
+    result = trainer.run(start_step, initial_val_loss=None if resume else first_val)
     in_sync = trainer.replicas_in_sync()
     model_dir = out / "model"
     if d.is_main:
