@@ -171,3 +171,10 @@ def test_yaml_config_with_flag_overrides(tmp_path):
         TrainConfig.load(tmp_path / "bad.yaml")
     with pytest.raises(InvalidParameterError, match="seq_len must be >= 8"):
         TrainConfig(seq_len=2)
+
+
+def test_time_budget_stops_cleanly_with_a_checkpoint_and_a_model(corpus, tmp_path):
+    r = pretrain(**small(corpus, tmp_path / "t", max_minutes=1e-6, max_steps=60))
+    assert r.result.step == 5  # the budget is checked at the first log step
+    assert [p.name for p in (tmp_path / "t" / "checkpoints").iterdir()] == ["step-000005"]
+    assert (tmp_path / "t" / "model" / "model.safetensors").exists() and r.result.val_loss == r.result.val_loss
