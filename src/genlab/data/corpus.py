@@ -9,6 +9,7 @@ documents, 2 M characters, ~4 s to read.
 from __future__ import annotations
 
 import ast
+import functools
 import sysconfig
 from pathlib import Path
 
@@ -16,7 +17,8 @@ SKIP_PARTS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib
 DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
-def stdlib_docstrings() -> list[str]:
+@functools.cache  # ~4 s of parsing; the standard library does not change within a process
+def stdlib_docstrings() -> tuple[str, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if not SKIP_PARTS & set(p.relative_to(root).parts))
     docs = []
@@ -26,14 +28,14 @@ def stdlib_docstrings() -> list[str]:
         except (SyntaxError, UnicodeDecodeError, OSError):
             continue  # a stray non-Python or badly encoded file: not corpus material
         docs += [ast.get_docstring(node) or "" for node in ast.walk(tree) if isinstance(node, DOC_NODES)]
-    return docs
+    return tuple(docs)
 
 
 def python_docs_corpus(max_docs: int | None = None) -> list[str]:
     """Documents from CPython's bundled documentation, in a fixed order."""
     from pydoc_data.topics import topics
 
-    docs = [topics[k] for k in sorted(topics)] + stdlib_docstrings()
+    docs = [topics[k] for k in sorted(topics)] + list(stdlib_docstrings())
     seen, out = set(), []
     for d in docs:
         d = d.strip()

@@ -82,11 +82,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished sequences from the batch (rows: indices to keep)."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
-
 
 class FusedLinear:
     """Projections of one input as a single matrix product, for inference.
