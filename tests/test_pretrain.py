@@ -114,7 +114,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["sync"] for r in ranks] == ([None, None] if fsdp else [True, True])  # FSDP: shards, not replicas
-    single = pretrain(**{**kw, "out": str(tmp_path / "single"), "grad_accum": 2, "fsdp": False})
+    pretrain(**{**kw, "out": str(tmp_path / "single"), "grad_accum": 2, "fsdp": False})
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     assert sorted(a) == sorted(b) == [3, 6, 9, 12]
     assert [a[s] for s in sorted(a)] == pytest.approx([b[s] for s in sorted(b)], rel=1e-4)
