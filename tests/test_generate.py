@@ -15,9 +15,12 @@ from genlab.generate.sampling import RowSampler, SamplingParams
 PROMPTS = ["The quick brown fox", "def", "Climate records: 1958 CO2 315.7 ppm; 2024"]
 
 
-@pytest.fixture
-def pair(hf_folder):
-    """(genlab model, transformers model) with the same weights."""
+@pytest.fixture(params=[0, 10**9], ids=["onednn-packed", "plain-fused"])
+def pair(hf_folder, monkeypatch, request):
+    """(genlab model, transformers model) with the same weights; both decode weight layouts."""
+    import genlab.model.transformer as transformer
+
+    monkeypatch.setattr(transformer, "PREPACK_MIN_ELEMENTS", request.param)
     folder, hf = hf_folder("llama")
     return genlab.load(folder), hf
 

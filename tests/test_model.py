@@ -81,8 +81,14 @@ def test_other_architectures_fall_back_to_transformers(hf_folder):
     assert out.token_ids == ref[0, len(ids):].tolist()
 
 
-def test_packing_for_inference_keeps_logits_and_names(tokenizer):
+@pytest.mark.parametrize("prepack_min", [0, 10**9], ids=["onednn-packed", "plain-fused"])
+def test_packing_for_inference_keeps_logits_and_names(tokenizer, monkeypatch, prepack_min):
+    import genlab.model.transformer as transformer
+
+    monkeypatch.setattr(transformer, "PREPACK_MIN_ELEMENTS", prepack_min)
     model = genlab.build("1m", tokenizer, seed=3)  # building an engine packs the weights
+    packed = model.module.model.layers[0].self_attn.qkv.packed
+    assert (packed is not None) == (prepack_min == 0 and torch.backends.mkldnn.is_available())
     fresh = Transformer(model.config)
     fresh.load_state_dict({k: v.contiguous() for k, v in model.module.state_dict().items()})
     assert model.module.model.layers[0].self_attn.qkv is not None
