@@ -81,6 +81,6 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(model_dir, args, message):
 
 
 def test_help_has_examples():
-    for cmd in (["generate"], ["chat"], ["tokenizer", "train"], ["model", "init"], ["model", "presets"]):
+    for cmd in (["generate"], ["chat"], ["pretrain"], ["tokenizer", "train"], ["model", "init"], ["model", "presets"]):
         r = genlab(*cmd, "--help")
         assert r.returncode == 0 and "Example: genlab" in r.stdout

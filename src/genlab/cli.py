@@ -17,7 +17,7 @@ from genlab.errors import GenlabError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="genlab: build, adapt, ground and serve generative models on your own machine.")
-tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect tokenizers.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train byte-level BPE tokenizers.")
 model_app = typer.Typer(no_args_is_help=True, help="Model presets, new models, model folders.")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
