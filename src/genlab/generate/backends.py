@@ -65,7 +65,8 @@ class NativeBackend:
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         pos = self.length
-        self.key_valid[:, pos] = True
+        if self.padded or self.compiled is not None:  # the mask is only built in these cases
+            self.key_valid[:, pos] = True
         cache_pos = torch.tensor([pos], device=self.device)
         if self.compiled is not None:
             mask = additive(self.key_valid[:, None, None, :], self.dtype)

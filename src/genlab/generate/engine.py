@@ -109,7 +109,8 @@ class Engine:
                 if reason and streams:
                     text += streams[r].flush()
                 c.finish_reason = reason
-                deltas.append(Delta(r, tok, text, c.logprobs[-1] if c.logprobs and not stop else None, reason))
+                if streams:  # only streaming reads deltas; generate() skips building them
+                    deltas.append(Delta(r, tok, text, c.logprobs[-1] if c.logprobs and not stop else None, reason))
             if all(c.finish_reason for c in completions):
                 self._finish(completions, streams)
                 yield completions, deltas
