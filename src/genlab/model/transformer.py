@@ -83,9 +83,9 @@ class KVCache:
         self.max_len = max_len
 
 
-# oneDNN's per-call cost outweighs its faster product below ~0.4 MB of fp32 weight (measured
-# here: a 1.3M-parameter model decodes faster with plain products, 10M+ with packed ones).
-PREPACK_MIN_ELEMENTS = 100_000
+# oneDNN's per-call cost outweighs its faster product on small matrices (measured here: a
+# 1.3M-parameter model decodes faster with plain products, 10M+ with every projection packed).
+PREPACK_MIN_ELEMENTS = 50_000
 
 
 class FusedLinear:
