@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,7 +22,6 @@ class CleanStats:
     exact_duplicates: int = 0
     near_duplicates: int = 0
     documents_out: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class MinHashIndex:
