@@ -84,3 +84,32 @@ def test_help_has_examples():
     for cmd in (["generate"], ["chat"], ["pretrain"], ["tokenizer", "train"], ["model", "init"], ["model", "presets"]):
         r = genlab(*cmd, "--help")
         assert r.returncode == 0 and "Example: genlab" in r.stdout
+
+
+def test_finetune_eval_generate_with_adapter(model_dir, tmp_path):
+    data = tmp_path / "domain.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Buoy {i} reads", "completion": f" {20 + i % 7}.5 degrees"})
+                              for i in range(40)))
+    r = genlab("finetune", model_dir, "--data", data, "--out", tmp_path / "ft", "--max-steps", "12", "--seq-len", "64",
+               "--lr", "1e-2", "--no-general-eval", "--eval-every", "6", "--lora-r", "4")
+    assert r.returncode == 0, r.stderr
+    adapter = tmp_path / "ft" / "adapter"
+    assert r.stdout.strip() == str(adapter) and "sft on" in r.stderr and "answer tokens" in r.stderr
+    before = json.loads(genlab("eval", model_dir, "--data", data, "--json").stdout)
+    after = json.loads(genlab("eval", model_dir, "--data", data, "--adapter", adapter, "--json").stdout)
+    assert before["mode"] == after["mode"] == "sft" and after["ppl"] < before["ppl"]
+    g = genlab("generate", model_dir, "Buoy 3 reads", "--adapter", f"buoy={adapter}", "-m", "6", "--temperature", "0", "--json")
+    assert g.returncode == 0, g.stderr
+    assert json.loads(g.stdout)["completion_tokens"] >= 1
+
+
+def test_finetune_bad_input_is_one_clear_line(model_dir, tmp_path):
+    r = genlab("finetune", model_dir, "--out", tmp_path / "q", "--4bit")
+    assert r.returncode == 2
+    assert "--4bit (QLoRA) needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": " b"}\n{"messages": "not a list"}\n')
+    r = genlab("finetune", model_dir, "--data", bad, "--out", tmp_path / "b")
+    assert r.returncode == 2 and "bad.jsonl:2: field 'messages' must be a non-empty list" in r.stderr
+    r = genlab("eval", model_dir, "--data", bad, "--adapter", tmp_path / "missing")
+    assert r.returncode == 2 and "not an adapter folder" in r.stderr

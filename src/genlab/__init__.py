@@ -4,6 +4,7 @@
     tok = genlab.train_tokenizer("docs/", vocab_size=8192, out_dir="tok")
     model = genlab.build("10m", tok)          # or genlab.load("path/to/any/hf-llama-folder")
     run = genlab.pretrain(data=["docs/"], out="runs/mine", preset="10m", max_steps=2000)
+    ft = genlab.finetune(model=str(run.model_dir), data=["notes/"], out="runs/ft")   # LoRA by default
     print(model.generate("Once upon a time", max_new_tokens=40, temperature=0.8).text)
     model.save("my-model")                    # loads in transformers.AutoModelForCausalLM too
 """
@@ -34,6 +35,10 @@ def __getattr__(name):
         from genlab.train.pretrain import pretrain
 
         return pretrain
+    if name in ("finetune", "evaluate"):
+        from genlab.train import finetune
+
+        return finetune.finetune if name == "finetune" else finetune.evaluate_model
     if name == "SamplingParams":
         from genlab.generate.sampling import SamplingParams
 
@@ -42,7 +47,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "build", "LanguageModel", "pretrain", "train_tokenizer", "load_tokenizer", "SamplingParams",
+    "load", "build", "LanguageModel", "pretrain", "finetune", "evaluate", "train_tokenizer", "load_tokenizer", "SamplingParams",
     "GenlabError", "ModelLoadError", "UnsupportedArchitectureError", "InvalidParameterError",
     "ContextLengthError", "DataError",
 ]

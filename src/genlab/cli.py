@@ -35,6 +35,34 @@ Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (
 Seed = Annotated[Optional[int], typer.Option(help="Same seed -> same output.")]
 Dtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")]
 Device = Annotated[str, typer.Option(help="cpu | cuda | cuda:1 ...")]
+Adapter = Annotated[Optional[list[str]], typer.Option("--adapter", help="LoRA adapter folder, or NAME=FOLDER (repeatable; the first is used).")]
+
+# Training options shared by `pretrain` and `finetune` (TrainConfig fields; None = config file / default).
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (metrics.jsonl, loss.png, checkpoints ...).")]
+Config = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of config fields; flags win.")]
+SeqLen = Annotated[Optional[int], typer.Option(help="Tokens per training sequence.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Sequences per micro-batch per process.")]
+GradAccum = Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")]
+MaxSteps = Annotated[Optional[int], typer.Option(help="Optimizer steps.")]
+MaxMinutes = Annotated[Optional[float], typer.Option(help="Stop cleanly after this many minutes.")]
+Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.")]
+Warmup = Annotated[Optional[int], typer.Option(help="Linear warm-up steps.")]
+EvalEvery = Annotated[Optional[int], typer.Option(help="Validate every N steps.")]
+CkptEvery = Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")]
+TrainSeed = Annotated[Optional[int], typer.Option(help="Seed for init and data order.")]
+TrainDevice = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")]
+Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (GPU).")]
+Fsdp = Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Shard parameters across torchrun processes.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
+
+
+def _adapters(specs: list[str] | None) -> dict[str, str]:
+    """--adapter values ("FOLDER" or "NAME=FOLDER") -> {name: folder}, in order."""
+    named = {}
+    for spec in specs or []:
+        name, _, folder = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        named[name] = folder
+    return named
 
 
 def main() -> None:
@@ -132,16 +160,18 @@ def generate(
     n: Annotated[int, typer.Option("-n", help="Samples per prompt.")] = 1,
     logprobs: Annotated[bool, typer.Option("--logprobs", help="Report per-token log-probabilities (JSON).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per completion.")] = False,
+    adapter: Adapter = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
 ):
     """Complete prompts. One prompt streams to the terminal; several are batched.
 
     Example: genlab generate my-model/ "The history of Python" --max-new-tokens 60 --temperature 0.7 --seed 1
+    Example: genlab generate base/ "What does scipy.stats.norm do?" --adapter runs/ft/adapter --temperature 0
     """
     import genlab
 
-    model = genlab.load(model_path, dtype=dtype, device=device)
+    model = genlab.load(model_path, dtype=dtype, device=device, adapters=_adapters(adapter))
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                   repetition_penalty=repetition_penalty, stop=stop or [], seed=seed, n=n, logprobs=logprobs)
     if len(prompts) == 1 and n == 1 and not as_json and not logprobs:
@@ -175,16 +205,17 @@ def chat(
     min_p: MinP = 0.0,
     repetition_penalty: RepPenalty = 1.0,
     seed: Seed = None,
+    adapter: Adapter = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
 ):
     """Interactive chat with streaming replies. /reset clears the history, /exit (or Ctrl-D) quits.
 
-    Example: genlab chat my-model/ --system "You are a concise assistant."
+    Example: genlab chat my-model/ --system "You are a concise assistant." --adapter runs/ft/adapter
     """
     import genlab
 
-    model = genlab.load(model_path, dtype=dtype, device=device)
+    model = genlab.load(model_path, dtype=dtype, device=device, adapters=_adapters(adapter))
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                   repetition_penalty=repetition_penalty, seed=seed)
     start = [{"role": "system", "content": system}] if system else []
@@ -216,26 +247,26 @@ def chat(
 @app.command()
 def pretrain(
     data: Annotated[Optional[list[Path]], typer.Argument(help="Files / folders / JSONL / CSV / Parquet; none = bundled Python docs.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (model/, metrics.jsonl, loss.png ...).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of TrainConfig fields; flags win.")] = None,
+    out: Out = None,
+    config: Config = None,
     preset: Annotated[Optional[str], typer.Option(help="Model size preset (genlab model presets).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(help="Existing tokenizer folder (default: train one).")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary of the tokenizer trained on the data.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per training sequence.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per micro-batch per process.")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop cleanly after this many minutes.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Validate every N steps.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
+    seq_len: SeqLen = None,
+    batch_size: BatchSize = None,
+    grad_accum: GradAccum = None,
+    max_steps: MaxSteps = None,
+    max_minutes: MaxMinutes = None,
+    lr: Lr = None,
+    warmup_steps: Warmup = None,
+    eval_every: EvalEvery = None,
+    checkpoint_every: CkptEvery = None,
     near_dedup: Annotated[Optional[float], typer.Option(help="Drop near-duplicates above this MinHash similarity.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for init and data order.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (GPU).")] = None,
-    fsdp: Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Shard parameters across torchrun processes.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    seed: TrainSeed = None,
+    device: TrainDevice = None,
+    compile: Compile = None,
+    fsdp: Fsdp = None,
+    resume: Resume = False,
 ):
     """Pretrain a new model from scratch (tokenizer -> token files -> transformer -> curves -> samples).
 
@@ -256,6 +287,99 @@ def pretrain(
         for prompt in ("The for statement", "def "):
             sample = model.generate(prompt, max_new_tokens=40, temperature=0.8, top_p=0.95, seed=0).text
             print(f"--- sample ---\n{prompt}{sample}")
+
+
+@app.command()
+def finetune(
+    model_path: Annotated[str, typer.Argument(help="Base model folder (genlab or any HF causal LM).")],
+    data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="Text files / folders / JSONL (repeatable); none = the bundled statistics demo.")] = None,
+    out: Out = None,
+    config: Config = None,
+    mode: Annotated[Optional[str], typer.Option(help="auto | cpt (raw text) | sft (messages or prompt/completion JSONL).")] = None,
+    full: Annotated[Optional[bool], typer.Option("--full/--lora", help="Full fine-tuning instead of LoRA.")] = None,
+    load_4bit: Annotated[Optional[bool], typer.Option("--4bit", help="QLoRA: 4-bit base (needs CUDA + bitsandbytes).")] = None,
+    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (scale = alpha / rank).")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on the LoRA path.")] = None,
+    target_module: Annotated[Optional[list[str]], typer.Option("--target-module", help="Module name to adapt (repeatable; default: every block projection).")] = None,
+    overlong: Annotated[Optional[str], typer.Option(help="SFT examples longer than --seq-len: truncate | drop.")] = None,
+    general_eval: Annotated[Optional[bool], typer.Option("--general-eval/--no-general-eval", help="Measure general-text perplexity before/after (forgetting).")] = None,
+    seq_len: SeqLen = None,
+    batch_size: BatchSize = None,
+    grad_accum: GradAccum = None,
+    max_steps: MaxSteps = None,
+    max_minutes: MaxMinutes = None,
+    lr: Lr = None,
+    warmup_steps: Warmup = None,
+    eval_every: EvalEvery = None,
+    checkpoint_every: CkptEvery = None,
+    seed: TrainSeed = None,
+    device: TrainDevice = None,
+    compile: Compile = None,
+    fsdp: Fsdp = None,
+    resume: Resume = False,
+):
+    """Adapt a model to a domain: continued pretraining or instruction SFT, with LoRA (default) or fully.
+
+    Example: genlab finetune runs/quickstart/pretrain/model --data notes/ --out runs/ft --max-steps 300
+    Example: genlab finetune my-model/ --data chats.jsonl --out runs/sft --lora-r 16 --lr 1e-3
+    """
+    from genlab.train.finetune import finetune as run_finetune
+
+    overrides = dict(model=model_path, out=str(out) if out else None, data=[str(p) for p in data] if data else None,
+                     mode=mode, full=full, load_4bit=load_4bit, lora_r=lora_r, lora_alpha=lora_alpha,
+                     lora_dropout=lora_dropout, target_modules=target_module or None, overlong=overlong,
+                     general_eval=general_eval, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+                     max_steps=max_steps, max_minutes=max_minutes, lr=lr, warmup_steps=warmup_steps,
+                     eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, device=device,
+                     compile=compile, fsdp=fsdp)
+    result = run_finetune(config_file=config, resume=resume, console=err, **overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result.output_dir)
+
+
+@app.command()
+def merge(
+    base: Annotated[str, typer.Argument(help="Base model folder.")],
+    adapter: Annotated[Path, typer.Argument(help="LoRA adapter folder (PEFT).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the merged model.")],
+):
+    """Fold a LoRA adapter into its base and write a plain Hugging Face model folder.
+
+    Example: genlab merge runs/quickstart/pretrain/model runs/ft/adapter merged-model/
+    """
+    import genlab
+
+    model = genlab.load(base, adapters=[str(adapter)])
+    model.merge().save(out_dir)
+    out.print(f"merged {adapter} into {base} -> {out_dir}")
+
+
+@app.command("eval")
+def evaluate(
+    model_path: Annotated[str, typer.Argument(help="Model folder.")],
+    data: Annotated[list[Path], typer.Option("--data", "-d", help="Text files / folders / JSONL (repeatable).")],
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter folder to evaluate with.")] = None,
+    mode: Annotated[str, typer.Option(help="auto | cpt (every token) | sft (answer tokens only).")] = "auto",
+    seq_len: Annotated[int, typer.Option(help="Tokens per scored window.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    max_batches: Annotated[Optional[int], typer.Option(help="Score only the first N batches.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Perplexity of a model (optionally with an adapter) on any data.
+
+    Example: genlab eval runs/quickstart/pretrain/model --data notes/ --adapter runs/ft/adapter
+    """
+    from genlab.train.finetune import evaluate_model
+
+    r = evaluate_model(str(model_path), [str(p) for p in data], adapter=str(adapter) if adapter else None, mode=mode,
+                       seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    if as_json:
+        print(json.dumps(r))
+    else:
+        out.print(f"{model_path}{' + ' + str(adapter) if adapter else ''}: perplexity {r['ppl']:,.3f} "
+                  f"(loss {r['loss']:.4f}) on {r['tokens']:,} {'answer ' if r['mode'] == 'sft' else ''}tokens "
+                  f"of {', '.join(map(str, data))}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from genlab.model.adapters import base_module
 from genlab.model.transformer import KVCache, Transformer
 
 
@@ -32,13 +33,17 @@ class NativeBackend:
     fixed-size cache (static shapes; CUDA graphs on GPU via mode="reduce-overhead").
     """
 
-    def __init__(self, module: Transformer, compile: bool = False):
-        self.module = module.pack_for_inference(prepack=not compile)  # compile can't trace oneDNN's packed weights
-        self.max_seq_len = module.config.max_seq_len
-        self.device = module.lm_head.weight.device
-        self.dtype = module.lm_head.weight.dtype
+    def __init__(self, module, compile: bool = False, pack: bool = True):
+        base = base_module(module)
+        pack = pack and base is module  # with adapters (PEFT-wrapped projections) the plain path runs
+        if pack:
+            module.pack_for_inference(prepack=not compile)  # compile can't trace oneDNN's packed weights
+        self.module = module
+        self.max_seq_len = base.config.max_seq_len
+        self.device = base.lm_head.weight.device
+        self.dtype = base.lm_head.weight.dtype
         self.compiled = None
-        if compile:
+        if compile and pack:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self.compiled = torch.compile(module, mode=mode, dynamic=False, fullgraph=True)
 
@@ -105,7 +110,8 @@ class TransformersBackend:
         return out.logits[:, -1].float()
 
 
-def backend_for(module, compile: bool = False):
-    if isinstance(module, Transformer):
-        return NativeBackend(module, compile=compile)
+def backend_for(module, compile: bool = False, pack: bool = True):
+    """`pack=False` leaves a genlab transformer's projections separate (a model being trained)."""
+    if isinstance(base_module(module), Transformer):
+        return NativeBackend(module, compile=compile, pack=pack)
     return TransformersBackend(module)

@@ -14,6 +14,7 @@ from genlab.errors import ContextLengthError, InvalidParameterError
 from genlab.generate.backends import backend_for, left_pad
 from genlab.generate.detok import TextStream
 from genlab.generate.sampling import RowSampler, SamplingParams
+from genlab.model.adapters import base_module
 
 
 @dataclass
@@ -43,12 +44,12 @@ class Delta:
 
 
 class Engine:
-    def __init__(self, module, tokenizer, eos_token_ids: list[int], compile: bool = False):
-        self.backend = backend_for(module, compile=compile)
+    def __init__(self, module, tokenizer, eos_token_ids: list[int], compile: bool = False, pack: bool = True):
+        self.backend = backend_for(module, compile=compile, pack=pack)
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_token_ids or [0])[0]
-        self.vocab_size = module.config.vocab_size
+        self.vocab_size = base_module(module).config.vocab_size
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         completions = None

@@ -267,6 +267,13 @@ class Transformer(nn.Module):
                 self.model.embed_tokens.weight = self.lm_head.weight
         return self
 
+    def unpack(self) -> "Transformer":
+        """Back to the separate projections (the training path), e.g. before adding adapters."""
+        for block in self.model.layers:
+            block.self_attn.qkv = block.self_attn.out = block.mlp.gate_up = block.mlp.down = None
+        self.head = None
+        return self
+
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n if embeddings else n - self.model.embed_tokens.weight.numel()

@@ -33,11 +33,15 @@ def refuse_overwrite(out: Path, resume: bool) -> None:
         raise GenlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
-def save_checkpoint(folder: Path, model, optimizer, trainer_state: dict, keep: int, is_writer: bool = True) -> Path | None:
-    """Gather full state on every rank (collective under FSDP), write on the writer rank."""
+def save_checkpoint(folder: Path, model, optimizer, trainer_state: dict, keep: int, is_writer: bool = True,
+                    only: set[str] | None = None) -> Path | None:
+    """Gather full state on every rank (collective under FSDP), write on the writer rank.
+    `only`: the parameter names to keep (LoRA: the adapter, not the frozen base)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=FULL)
     if not is_writer:
         return None
+    if only is not None:
+        model_sd = {k: v for k, v in model_sd.items() if k in only}
     tensors, scalars = {}, {}
     for fqn, state in optim_sd["state"].items():
         for key, value in state.items():
@@ -64,8 +68,9 @@ def read_trainer_state(path: Path) -> dict:
         raise GenlabError(f"{path}: unreadable checkpoint ({e})") from None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model and optimizer in place; return the trainer state."""
+def load_checkpoint(path: Path, model, optimizer, strict: bool = True) -> dict:
+    """Restore model and optimizer in place; return the trainer state. `strict=False` for
+    checkpoints that hold only the trainable parameters."""
     state = read_trainer_state(path)
     try:
         model_sd = load_file(path / "model.safetensors")
@@ -80,5 +85,5 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         optim_state.setdefault(fqn, {})[name] = value
     optim_sd = {"state": optim_state, "param_groups": state.pop("param_groups")}
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+                   options=StateDictOptions(full_state_dict=True, strict=strict))
     return state

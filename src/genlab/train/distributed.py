@@ -61,7 +61,9 @@ def wrap(module: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in module.model.layers:
+        # Shard each transformer block (the model's first ModuleList), then the rest.
+        blocks = next((m for m in module.modules() if isinstance(m, torch.nn.ModuleList)), [])
+        for block in blocks:
             fully_shard(block)
         return fully_shard(module)
     from torch.nn.parallel import DistributedDataParallel

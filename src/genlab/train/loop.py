@@ -21,28 +21,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from genlab.errors import GenlabError
+from genlab.evaluate.perplexity import batch_loss, batches
+from genlab.train.batches import PackedExamples, TokenWindows
 from genlab.train.checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
 from genlab.train.config import TrainConfig
 from genlab.train.curves import MetricsLog, plot_curves
 from genlab.train.distributed import Dist, wrap
 
-
-class TokenWindows:
-    """A token stream cut into fixed-length training windows (packing: documents back to back,
-    separated by their bos/eos tokens). Window w covers tokens [w*T, w*T + T + 1)."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
-        self.n = (len(tokens) - 1) // seq_len
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.seq_len
-        rows = np.stack([np.asarray(self.tokens[w * t : w * t + t + 1], dtype=np.int64) for w in windows])
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
+Dataset = TokenWindows | PackedExamples
 
 
 class Sampler:
@@ -96,14 +82,16 @@ class Result:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, module: torch.nn.Module, train: TokenWindows, val: TokenWindows,
-                 out: Path, d: Dist, fingerprint: dict, console: Console | None = None):
-        if len(train) < 1:
-            raise GenlabError(f"the training data has {len(train.tokens):,} tokens; one sequence needs "
-                              f"{cfg.seq_len + 1} (lower seq_len or add data)")
-        if len(val) < 1:
-            raise GenlabError(f"the validation split has {len(val.tokens):,} tokens; one sequence needs "
-                              f"{cfg.seq_len + 1} (raise val_fraction, lower seq_len or add data)")
+    """Trains `module` (whose forward(**batch) returns the loss) on a dataset of rows
+    (train/batches.py: TokenWindows for text, PackedExamples for supervised examples)."""
+
+    def __init__(self, cfg: TrainConfig, module: torch.nn.Module, train: Dataset, val: Dataset,
+                 out: Path, d: Dist, fingerprint: dict, console: Console | None = None, keep_frozen: bool = True):
+        for name, data in (("training data", train), ("validation split", val)):
+            if len(data) < 1:
+                size = f"{len(data.tokens):,} tokens" if isinstance(data, TokenWindows) else "no examples"
+                raise GenlabError(f"the {name} has {size}; one sequence needs {cfg.seq_len + 1} tokens "
+                                  "(lower seq_len, raise val_fraction or add data)")
         self.cfg, self.out, self.d, self.fingerprint = cfg, Path(out), d, fingerprint
         self.console = console or Console(stderr=True)
         self.raw = module.to(d.device)
@@ -115,6 +103,8 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and cfg.bf16
                          else nullcontext())
         self.ckpt_dir = self.out / "checkpoints"
+        # LoRA: checkpoints hold the trainable parameters only (the frozen base is the model folder).
+        self.saved = None if keep_frozen else {n for n, p in self.raw.named_parameters() if p.requires_grad}
 
     # --- resume --------------------------------------------------------------------------
     def resume_step(self) -> int:
@@ -128,7 +118,7 @@ class Trainer:
         if diff:
             raise GenlabError(f"{found[-1]}: checkpoint is from a different configuration ({', '.join(diff)} "
                               "differ); nothing was changed — use another --out or the original settings")
-        state = load_checkpoint(found[-1], self.model, self.optimizer)
+        state = load_checkpoint(found[-1], self.model, self.optimizer, strict=self.saved is None)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         return state["step"]
 
@@ -139,10 +129,11 @@ class Trainer:
             group["lr"] = lr_at(step, cfg)
         total = torch.zeros((), device=self.d.device)
         for micro in range(cfg.grad_accum):
-            x, y = (t.to(self.d.device, non_blocking=True) for t in self.train_set.get(self.sampler.windows(step, micro)))
+            batch = self.train_set.get(self.sampler.windows(step, micro))
+            batch = {k: t.to(self.d.device, non_blocking=True) for k, t in batch.items()}
             sync = micro == cfg.grad_accum - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), self.autocast:
-                loss = self.forward(x, targets=y)
+                loss = self.forward(**batch)
             (loss / cfg.grad_accum).backward()
             total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -152,20 +143,19 @@ class Trainer:
         return (total / cfg.grad_accum).item(), float(norm)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, data: Dataset | None = None) -> float:
+        """Mean loss on (the first eval_batches batches of) `data`, by default the validation split."""
+        data = self.val_set if data is None else data
         self.model.eval()
-        cfg, n = self.cfg, len(self.val_set)
-        batches = [np.arange(i, min(i + cfg.batch_size, n)) for i in range(0, min(n, cfg.eval_batches * cfg.batch_size), cfg.batch_size)]
+        todo = batches(len(data), self.cfg.batch_size, self.cfg.eval_batches)
         loss_sum, count = 0.0, 0
-        mine = batches[self.d.rank :: self.d.world]
+        mine = todo[self.d.rank :: self.d.world]
         # Every process runs the same number of forward passes: under FSDP each is a collective.
-        for i in range(math.ceil(len(batches) / self.d.world)):
-            windows = mine[i] if i < len(mine) else batches[0]
-            x, y = (t.to(self.d.device) for t in self.val_set.get(windows))
-            with self.autocast:
-                loss = self.forward(x, targets=y).item()
+        for i in range(math.ceil(len(todo) / self.d.world)):
+            rows = mine[i] if i < len(mine) else todo[0]
+            loss = batch_loss(self.forward, data, rows, self.d.device, self.autocast)
             if i < len(mine):
-                loss_sum, count = loss_sum + loss * len(windows), count + len(windows)
+                loss_sum, count = loss_sum + loss * len(rows), count + len(rows)
         self.model.train()
         loss_sum, count = self.d.all_sum([loss_sum, count])
         return loss_sum / max(count, 1)
@@ -184,7 +174,8 @@ class Trainer:
     def _checkpoint(self, step: int, tokens: int) -> None:
         state = {"step": step, "tokens": tokens, "fingerprint": self.fingerprint,
                  "data_position": step * self.sampler.global_batch, "torch_rng": torch.get_rng_state().tolist()}
-        save_checkpoint(self.ckpt_dir, self.model, self.optimizer, state, self.cfg.keep_checkpoints, self.d.is_main)
+        save_checkpoint(self.ckpt_dir, self.model, self.optimizer, state, self.cfg.keep_checkpoints, self.d.is_main,
+                        only=self.saved)
 
     # --- the loop ------------------------------------------------------------------------
     def run(self, start_step: int = 0, initial_val_loss: float | None = None) -> Result:

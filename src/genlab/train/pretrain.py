@@ -24,7 +24,8 @@ from genlab.model.transformer import Transformer
 from genlab.train import distributed
 from genlab.train.checkpoint import list_checkpoints, refuse_overwrite
 from genlab.train.config import TrainConfig
-from genlab.train.loop import Result, TokenWindows, Trainer
+from genlab.train.batches import TokenWindows
+from genlab.train.loop import Result, Trainer
 
 
 @dataclass
