@@ -171,7 +171,8 @@ def main():
         folder = Path(tmp)
         make_inputs(folder, args.preset)
         runs = {"genlab": [], "trl": []}
-        child = [a for a in sys.argv[1:] if not a.startswith("--json")]
+        child = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k not in ("json", "side", "folder") and v is not None]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         for _ in range(args.rounds):
             for side in runs:

@@ -94,3 +94,16 @@ def test_empty_corpus_is_an_error_and_writes_nothing(tmp_path, tokenizer):
     with pytest.raises(DataError, match="corpus is empty"):
         prepare_tokens(tmp_path / "d", tokenizer, texts=["", "   "])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bundled_domain_corpus_is_identical_in_every_process():
+    """scipy builds some docstrings with example output drawn at import time; the corpus (and
+    with it the tokenized-data cache key and the held-out split) must not depend on that."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from genlab.data.corpus import statistics_corpus, statistics_instructions; "
+            "c = statistics_corpus(); print(len(c), hashlib.sha256(json.dumps([c, statistics_instructions()]).encode()).hexdigest())")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120) for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout and int(runs[0].stdout.split()[0]) > 300

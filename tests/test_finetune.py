@@ -312,3 +312,31 @@ def test_resume_continues_onto_the_same_adapter(base_dir, domain_dir, tmp_path):
         tune(base_dir, [domain_dir], tmp_path / "a")
     with pytest.raises(GenlabError, match="different configuration.*method"):
         tune(base_dir, [domain_dir], tmp_path / "a", max_steps=30, lora_r=4, resume=True)
+
+
+def test_lora_two_processes_equal_one_process_with_accumulation(base_dir, tmp_path):
+    """The fine-tuning loop is the pretraining loop: DDP over 2 CPU processes (gloo) reaches the
+    adapter of 1 process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Reading {i} at station {i % 5}:", "completion": f" {i * 3} ppm"}
+                                                 for i in range(80)])
+    script = tmp_path / "ddp.py"
+    script.write_text("import json, sys\nfrom genlab.train.finetune import finetune\nfinetune(**json.loads(sys.argv[1]))\n")
+    kw = dict(model=str(base_dir), data=[str(data)], out=str(tmp_path / "ddp"), seq_len=64, batch_size=2, max_steps=8,
+              warmup_steps=2, eval_every=4, checkpoint_every=4, log_every=2, lr=1e-2, lora_dropout=0.0,
+              general_eval=False, samples=0, device="cpu")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+                           str(script), json.dumps(kw)], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = finetune(**{**kw, "out": str(tmp_path / "single"), "grad_accum": 2})
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    b = load_file(single.output_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * TINY.num_layers
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
