@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from genlab.codecs.text import render_chat
-from genlab.data.readers import list_files
+from genlab.data.readers import iter_jsonl, list_files
 from genlab.data.tokens import _in_val
 from genlab.errors import DataError, InvalidParameterError
 
@@ -84,17 +84,8 @@ def iter_records(sources: str | Path | Iterable, glob: str = "**/*") -> Iterator
             if f.suffix.lower() != ".jsonl":
                 raise DataError(f"{f}: instruction data must be JSONL (messages or prompt/completion records)")
             try:
-                with f.open(encoding="utf-8") as lines:
-                    for n, line in enumerate(lines, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{f}:{n}: invalid JSON ({e.msg})") from None
-                        if not isinstance(record, dict):
-                            raise DataError(f"{f}:{n}: expected a JSON object")
-                        yield f"{f}:{n}", record
+                for n, record in iter_jsonl(f):
+                    yield f"{f}:{n}", record
             except UnicodeDecodeError as e:
                 raise DataError(f"{f}: not UTF-8 text (byte {e.start})") from None
 

@@ -15,7 +15,8 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".html", ".htm", ".tex"}
 TABLE_SUFFIXES = {".jsonl", ".csv", ".parquet"}
 
 
-def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-empty line of a JSONL file; errors name file:line."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -26,14 +27,19 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
                 raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object")
-            if isinstance(record.get(field), str):
-                yield record[field]
-            elif isinstance(record.get("messages"), list):
-                yield "\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict))
-            elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-                yield record["prompt"] + record["completion"]
-            else:
-                raise DataError(f"{path}:{n}: no text field (expected '{field}', 'messages' or 'prompt'+'completion')")
+            yield n, record
+
+
+def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+    for n, record in iter_jsonl(path):
+        if isinstance(record.get(field), str):
+            yield record[field]
+        elif isinstance(record.get("messages"), list):
+            yield "\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict))
+        elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+            yield record["prompt"] + record["completion"]
+        else:
+            raise DataError(f"{path}:{n}: no text field (expected '{field}', 'messages' or 'prompt'+'completion')")
 
 
 def _table_texts(path: Path, column: str) -> Iterator[str]:

@@ -71,6 +71,35 @@ def wrap(module: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def main_first(d: Dist, fn):
+    """fn() on the main process first (it writes shared caches), then on the others (which
+    read them)."""
+    result = fn() if d.is_main else None
+    barrier(d)
+    return result if d.is_main else fn()
+
+
+def start(cfg, resume: bool, console):
+    """The opening of a training run: processes, a logger that only the main one prints to,
+    and the run folder (refused if it already holds a run and `resume` is off)."""
+    from pathlib import Path
+
+    from genlab.train.checkpoint import refuse_overwrite
+
+    d = setup(cfg.device)
+    log = console.print if d.is_main else (lambda *a, **k: None)
+    out = Path(cfg.out)
+    refuse_overwrite(out, resume)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return d, log, out
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -39,7 +39,6 @@ from genlab.model import adapters, io
 from genlab.model.transformer import Transformer
 from genlab.train import distributed
 from genlab.train.batches import PackedExamples, TokenWindows
-from genlab.train.checkpoint import refuse_overwrite
 from genlab.train.config import TrainConfig
 from genlab.train.loop import Dataset, Result, Trainer
 
@@ -198,12 +197,7 @@ def _data(cfg: FinetuneConfig, mode: str, tokenizer, seq_len: int, out: Path, d,
             "docstrings, scikit-learn and statsmodels dataset descriptions)")
     kw = dict(sources=cfg.data or None, texts=texts, val_fraction=cfg.val_fraction, min_chars=cfg.min_chars,
               max_chars=cfg.max_chars, near_dedup=cfg.near_dedup, field=cfg.field, glob=cfg.glob)
-    if d.is_main:
-        data = prepare_tokens(out / "data", tokenizer, log=log, **kw)
-    if d.world > 1:
-        torch.distributed.barrier()
-    if not d.is_main:
-        data = prepare_tokens(out / "data", tokenizer, log=lambda *a: None, **kw)
+    data = distributed.main_first(d, lambda: prepare_tokens(out / "data", tokenizer, log=log, **kw))
     info = {k: v for k, v in data.meta.items() if k != "key"} | {"key": data.meta["key"]}
     return TokenWindows(data.tokens("train"), seq_len), TokenWindows(data.tokens("val"), seq_len), info
 
@@ -225,17 +219,12 @@ def finetune(config: FinetuneConfig | None = None, config_file: str | Path | Non
     """Adapt `model` to `data`; flags (`overrides`) win over the YAML file's values."""
     cfg = config or FinetuneConfig.load(config_file, **overrides)
     console = console or Console(stderr=True)
-    d = distributed.setup(cfg.device)
-    log = console.print if d.is_main else (lambda *a, **k: None)
-    out = Path(cfg.out)
-    refuse_overwrite(out, resume)
+    d, log, out = distributed.start(cfg, resume, console)
     mode = cfg.mode if cfg.mode != "auto" else (detect_mode(cfg.data, cfg.glob) if cfg.data else "cpt")
     loaded = load_base(cfg, d.device)
     tokenizer, base = loaded.tokenizer, loaded.module
     max_len = base.config.max_seq_len if loaded.native else getattr(base.config, "max_position_embeddings", None)
     seq_len = min(cfg.seq_len, max_len or cfg.seq_len)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     train, val, data_info = _data(cfg, mode, tokenizer, seq_len, out, d, log)
 
     if cfg.full:
@@ -282,8 +271,7 @@ def finetune(config: FinetuneConfig | None = None, config_file: str | Path | Non
     if d.is_main:
         _save(res, cfg, model, loaded, trainer, method)
         _report(res, log, cfg)
-    if d.world > 1:
-        torch.distributed.barrier()
+    distributed.barrier(d)
     distributed.teardown()
     return res
 

@@ -22,7 +22,7 @@ from genlab.model import io
 from genlab.model.presets import preset
 from genlab.model.transformer import Transformer
 from genlab.train import distributed
-from genlab.train.checkpoint import list_checkpoints, refuse_overwrite
+from genlab.train.checkpoint import list_checkpoints
 from genlab.train.config import TrainConfig
 from genlab.train.batches import TokenWindows
 from genlab.train.loop import Result, Trainer
@@ -38,11 +38,6 @@ class PretrainResult:
     replicas_in_sync: bool | None = None  # DDP: parameters identical on every process
 
 
-def _barrier(d: distributed.Dist) -> None:
-    if d.world > 1:
-        torch.distributed.barrier()
-
-
 def _tokenizer(cfg: TrainConfig, out: Path, texts, d: distributed.Dist, log):
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
@@ -51,7 +46,7 @@ def _tokenizer(cfg: TrainConfig, out: Path, texts, d: distributed.Dist, log):
         start = time.perf_counter()
         train_tokenizer(sources=cfg.data or None, texts=texts, vocab_size=cfg.vocab_size, out_dir=folder)
         log(f"trained a {cfg.vocab_size}-token BPE tokenizer in {time.perf_counter() - start:.1f}s -> {folder}")
-    _barrier(d)
+    distributed.barrier(d)
     return load_tokenizer(folder)
 
 
@@ -60,23 +55,14 @@ def pretrain(config: TrainConfig | None = None, config_file: str | Path | None =
     """Train a new model from scratch; flags (`overrides`) win over the YAML file's values."""
     cfg = config or TrainConfig.load(config_file, **overrides)
     console = console or Console(stderr=True)
-    d = distributed.setup(cfg.device)
-    log = console.print if d.is_main else (lambda *a, **k: None)
-    out = Path(cfg.out)
-    refuse_overwrite(out, resume)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    d, log, out = distributed.start(cfg, resume, console)
     texts = None if cfg.data else python_docs_corpus()
     if texts is not None:
         log(f"no data given: training on the bundled Python documentation ({len(texts):,} documents)")
     tokenizer = _tokenizer(cfg, out, texts, d, log)
     kw = dict(sources=cfg.data or None, texts=texts, val_fraction=cfg.val_fraction, min_chars=cfg.min_chars,
               max_chars=cfg.max_chars, near_dedup=cfg.near_dedup, field=cfg.field, glob=cfg.glob)
-    if d.is_main:
-        data = prepare_tokens(out / "data", tokenizer, log=log, **kw)
-    _barrier(d)
-    if not d.is_main:
-        data = prepare_tokens(out / "data", tokenizer, log=lambda *a: None, **kw)
+    data = distributed.main_first(d, lambda: prepare_tokens(out / "data", tokenizer, log=log, **kw))
 
     base = preset(cfg.preset)
     model_cfg = replace(base, vocab_size=len(tokenizer), max_seq_len=max(base.max_seq_len, cfg.seq_len))
@@ -109,6 +95,6 @@ def pretrain(config: TrainConfig | None = None, config_file: str | Path | None =
         io.save(model_dir, final, tokenizer, meta=meta, generation=generation)
         log(f"done: {result.step} steps, {result.tokens:,} tokens in {result.seconds:.0f}s "
             f"({result.tokens_per_s:,.0f} tok/s); validation loss {first_val:.3f} -> {result.val_loss:.3f}; model -> {model_dir}")
-    _barrier(d)
+    distributed.barrier(d)
     distributed.teardown()
     return PretrainResult(out, model_dir, result, first_val, data.meta, in_sync)
