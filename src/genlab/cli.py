@@ -21,6 +21,8 @@ tokenizer_app = typer.Typer(no_args_is_help=True, help="Train byte-level BPE tok
 model_app = typer.Typer(no_args_is_help=True, help="Model presets, new models, model folders.")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
+rag_app = typer.Typer(no_args_is_help=True, help="Retrieval quality.")
+app.add_typer(rag_app, name="rag")
 out = Console()
 err = Console(stderr=True)
 
@@ -380,6 +382,132 @@ def evaluate(
         out.print(f"{model_path}{' + ' + str(adapter) if adapter else ''}: perplexity {r['ppl']:,.3f} "
                   f"(loss {r['loss']:.4f}) on {r['tokens']:,} {'answer ' if r['mode'] == 'sft' else ''}tokens "
                   f"of {', '.join(map(str, data))}")
+
+
+Embedder = Annotated[Optional[str], typer.Option(help="Local sentence-transformers folder (default: all-MiniLM-L6-v2, bundled).")]
+PathGlob = Annotated[Optional[str], typer.Option("--path", help="Only sources whose path matches this glob.")]
+Kinds = Annotated[Optional[list[str]], typer.Option("--type", help="Only these file types, e.g. md, pdf (repeatable).")]
+Method = Annotated[str, typer.Option(help="hybrid | dense | bm25.")]
+
+
+@app.command("index")
+def index_cmd(
+    docs: Annotated[list[Path], typer.Argument(help="Files and folders (recursive) to index.")],
+    store: Annotated[Path, typer.Option(help="Store folder (created if new; updated incrementally).")],
+    embedder: Embedder = None,
+    glob: Annotated[str, typer.Option(help="Which files of a folder.")] = "**/*",
+    column: Annotated[Optional[list[str]], typer.Option("--column", help="Text column of CSV / JSONL files (repeatable).")] = None,
+    chunk_tokens: Annotated[int, typer.Option(help="Chunk size in embedder tokens.")] = 200,
+    overlap: Annotated[int, typer.Option(help="Tokens repeated between neighbouring chunks.")] = 32,
+):
+    """Index documents for retrieval (.txt .md .rst .html .pdf .py .csv .jsonl); re-runs only embed what changed.
+
+    Example: genlab index docs/ papers/ --store runs/store
+    """
+    from genlab.rag.indexer import index
+
+    r = index([str(d) for d in docs], store, embedder, glob, tuple(column or ["text"]), chunk_tokens, overlap, console=err)
+    table = Table("files", "count", title=f"index {store}")
+    for name in ("added", "updated", "removed", "unchanged", "skipped"):
+        table.add_row(name, str(len(getattr(r, name))))
+    table.add_row("chunks embedded", f"{r.chunks_embedded:,}")
+    table.add_row("chunks in store", f"{r.chunks_total:,}")
+    out.print(table)
+    for path, why in r.skipped:
+        out.print(f"skipped {escape(path)}: {why}", highlight=False)
+    out.print(f"done in {r.seconds:.1f}s")
+
+
+@app.command()
+def search(
+    store: Annotated[Path, typer.Argument(help="Store folder.")],
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    k: Annotated[int, typer.Option("-k", help="Chunks to return.")] = 5,
+    method: Method = "hybrid",
+    path: PathGlob = None,
+    kind: Kinds = None,
+    embedder: Embedder = None,
+    reranker: Annotated[Optional[str], typer.Option(help="Local cross-encoder folder to re-rank with.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per chunk.")] = False,
+):
+    """Ranked chunks for a query, with scores and sources.
+
+    Example: genlab search runs/store "how do I open a file" -k 3 --method bm25 --type md
+    """
+    from genlab.rag.retrieve import Retriever
+
+    hits = Retriever(store, embedder, reranker).search(query, k=k, method=method, path_glob=path, kinds=kind)
+    for rank, h in enumerate(hits, 1):
+        if as_json:
+            print(json.dumps({"rank": rank, "score": h.score, "path": h.path, "page": h.page, "heading": h.heading,
+                              "start": h.start, "end": h.end, "text": h.text}, ensure_ascii=False))
+        else:
+            out.rule(f"{rank} · {h.score:.4f} · {escape(h.source)}")
+            out.print(escape(h.text[:600]), highlight=False)
+
+
+@app.command()
+def ask(
+    model_path: Annotated[str, typer.Argument(help="Model folder.")],
+    question: Annotated[str, typer.Argument(help="The question.")],
+    store: Annotated[Path, typer.Option(help="Store folder built by genlab index.")],
+    k: Annotated[int, typer.Option("-k", help="Chunks to retrieve.")] = 5,
+    template: Annotated[Optional[str], typer.Option(help="Built-in template (qa, context) or a Jinja2 file.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    method: Method = "hybrid",
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt through the model's chat template.")] = False,
+    embedder: Embedder = None,
+    adapter: Adapter = None,
+    max_new_tokens: MaxNew = 256,
+    temperature: Temperature = 0.0,
+    seed: Seed = None,
+):
+    """Answer a question from retrieved chunks (streams), then list the sources its [n] markers cite.
+
+    Example: genlab ask my-model/ "What does the with statement do?" --store runs/store
+    """
+    import genlab
+    from genlab.rag.prompts import ask as run_ask
+    from genlab.rag.retrieve import Retriever
+
+    model = genlab.load(model_path, adapters=_adapters(adapter))
+    retriever = Retriever(store, embedder)
+    answer = run_ask(model, retriever, question, k=k, template=template, system=system, method=method, chat=chat,
+                     on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()), max_new_tokens=max_new_tokens,
+                     temperature=temperature, seed=seed)
+    sys.stdout.write("\n")
+    out.rule("sources")
+    for n, h in enumerate(answer.sources, 1):
+        out.print(f"[{n}]{' (cited)' if n in answer.cited else ''} {escape(h.source)}", highlight=False)
+    if answer.invalid:
+        out.print(f"[bold yellow]warning:[/] the answer cites {', '.join(f'[{n}]' for n in answer.invalid)}, "
+                  f"which match no retrieved source (there are {len(answer.sources)})")
+
+
+@rag_app.command("eval")
+def rag_eval(
+    store: Annotated[Path, typer.Argument(help="Store folder.")],
+    qrels: Annotated[Path, typer.Option(help="JSONL of {query, relevant: [source, ...]}.")],
+    embedder: Embedder = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Recall@1/5/10, MRR@10 and nDCG@10 of dense, BM25 and hybrid retrieval, side by side.
+
+    Example: genlab rag eval runs/store --qrels tests/data/pydoc_qrels.jsonl
+    """
+    from genlab.evaluate.retrieval import evaluate_retrieval, read_qrels
+    from genlab.rag.retrieve import Retriever
+
+    queries = read_qrels(qrels)
+    results = evaluate_retrieval(Retriever(store, embedder), queries)
+    if as_json:
+        print(json.dumps(results))
+        return
+    metrics = list(next(iter(results.values())))
+    table = Table("method", *metrics, title=f"{len(queries)} queries, {qrels}")
+    for method, values in results.items():
+        table.add_row(method, *(f"{values[m]:.3f}" for m in metrics))
+    out.print(table)
 
 
 if __name__ == "__main__":
