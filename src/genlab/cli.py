@@ -414,7 +414,7 @@ def index_cmd(
     table.add_row("chunks in store", f"{r.chunks_total:,}")
     out.print(table)
     for path, why in r.skipped:
-        out.print(f"skipped {escape(path)}: {why}", highlight=False)
+        out.print(f"skipped {escape(path)}: {why}", highlight=False, soft_wrap=True)
     out.print(f"done in {r.seconds:.1f}s")
 
 

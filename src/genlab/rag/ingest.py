@@ -87,12 +87,16 @@ def _first_heading(text: str) -> str:
     return ""
 
 
-def _pdf(path: Path) -> tuple[str, list[Section]]:
+def _pdf(raw: bytes) -> tuple[str, list[Section]]:
+    import io
+    import logging
+
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings would repeat our one-line reason
     try:
-        reader = PdfReader(path)
+        reader = PdfReader(io.BytesIO(raw))
         if reader.is_encrypted:
             raise Skip("encrypted PDF")
         pages = [Section(page.extract_text() or "", i + 1) for i, page in enumerate(reader.pages)]
@@ -132,7 +136,7 @@ def load_document(path: Path, raw: bytes, columns: list[str] = ("text",)) -> Doc
         raise Skip(f"unsupported file type {suffix or '(none)'}")
     title = ""
     if suffix == ".pdf":
-        title, sections = _pdf(path)
+        title, sections = _pdf(raw)
     elif suffix in (".csv", ".jsonl"):
         sections = _rows(path, raw, list(columns))
     elif suffix in HTML:
