@@ -242,6 +242,11 @@ def test_prompt_fits_the_budget_by_dropping_lowest_ranked(pydoc_store, embedder)
     limit = words(full) - words(hits[-1].text) // 2
     fitted, kept = build_prompt(template, "q?", hits, words, budget=limit)
     assert len(kept) < 5 and kept == hits[: len(kept)] and words(fitted) <= limit
+    # too little room for even the best chunk: its beginning is kept
+    small = words(build_prompt(template, "q?", [], words, 10_000)[0]) + 25
+    fitted, kept = build_prompt(template, "q?", hits, words, budget=small)
+    assert len(kept) == 1 and hits[0].text.startswith(kept[0].text) and 0 < len(kept[0].text) < len(hits[0].text)
+    assert words(fitted) <= small and kept[0].end - kept[0].start == len(kept[0].text)
     with pytest.raises(ContextLengthError):
         build_prompt(template, "q?", hits, words, budget=5)
     assert citations("As [2] and [1] say, and [7] too [2].", 5) == ([2, 1], [7])
@@ -296,3 +301,24 @@ def test_cli_index_search_eval(tmp_path):
     assert json.loads(r.stdout)["hybrid"]["recall@5"] == 1.0
     r = run("search", tmp_path / "nowhere", "x")
     assert r.returncode == 2 and "no store here" in r.stderr
+
+
+def test_cross_encoder_reranking(pydoc_store, embedder, tmp_path):
+    """A local cross-encoder (here a tiny random BERT the test builds) re-scores the candidates;
+    the result is ordered by its scores."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from genlab.rag.retrieve import Retriever
+
+    torch.manual_seed(0)
+    folder = tmp_path / "ce"
+    BertForSequenceClassification(BertConfig(vocab_size=embedder.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=1)).save_pretrained(folder)
+    embedder.tokenizer.save_pretrained(folder)
+    retriever = Retriever(pydoc_store, embedder, reranker=str(folder))
+    hits = retriever.search("how do generators produce values", k=5)
+    assert len(hits) == 5
+    expected = CrossEncoder(str(folder), device="cpu").predict([("how do generators produce values", h.text) for h in hits])
+    assert [h.score for h in hits] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-5)

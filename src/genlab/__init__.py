@@ -39,6 +39,10 @@ def __getattr__(name):
         from genlab.train import finetune
 
         return finetune.finetune if name == "finetune" else finetune.evaluate_model
+    if name in ("index", "Retriever", "ask"):
+        from genlab.rag import indexer, prompts, retrieve
+
+        return {"index": indexer.index, "Retriever": retrieve.Retriever, "ask": prompts.ask}[name]
     if name == "SamplingParams":
         from genlab.generate.sampling import SamplingParams
 
@@ -47,7 +51,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "build", "LanguageModel", "pretrain", "finetune", "evaluate", "train_tokenizer", "load_tokenizer", "SamplingParams",
+    "load", "build", "LanguageModel", "pretrain", "finetune", "evaluate", "index", "Retriever", "ask", "train_tokenizer", "load_tokenizer", "SamplingParams",
     "GenlabError", "ModelLoadError", "UnsupportedArchitectureError", "InvalidParameterError",
     "ContextLengthError", "DataError",
 ]

@@ -49,15 +49,16 @@ class Embedder:
         self.name = "all-MiniLM-L6-v2" if path is None else folder.name
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def encode(self, texts: list[str], progress=None) -> np.ndarray:
         """Embeddings of `texts` in batches; `progress(n)` is called after each batch of n."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths share a batch: less padding
         for i in range(0, len(texts), self.batch_size):
-            batch = texts[i : i + self.batch_size]
-            out[i : i + len(batch)] = self.model.encode(batch, batch_size=len(batch), convert_to_numpy=True,
-                                                        normalize_embeddings=True, show_progress_bar=False)
+            rows = order[i : i + self.batch_size]
+            out[rows] = self.model.encode([texts[j] for j in rows], batch_size=len(rows), convert_to_numpy=True,
+                                          normalize_embeddings=True, show_progress_bar=False)
             if progress:
-                progress(len(batch))
+                progress(len(rows))
         return out

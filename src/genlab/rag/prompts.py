@@ -9,7 +9,7 @@ Template variables: `system` (str or None), `examples` (list of {question, answe
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -54,20 +54,32 @@ def load_template(name_or_file: str | None) -> jinja2.Template:
 def build_prompt(template: jinja2.Template, question: str, hits: list, count: Callable[[str], int], budget: int,
                  system: str | None = None, examples: list[dict] | None = None) -> tuple[str, list]:
     """The rendered prompt and the hits it holds: the lowest-ranked chunks are dropped until the
-    prompt fits `budget` tokens."""
-    kept = list(hits)
-    while True:
+    prompt fits `budget` tokens; if the best chunk alone is too long, its end is cut off."""
+
+    def render(kept):
         context = [{"n": i + 1, "title": h.title, "heading": h.heading, "source": h.source, "text": h.text}
                    for i, h in enumerate(kept)]
         try:
-            prompt = template.render(system=system, examples=examples or [], context=context, question=question)
+            return template.render(system=system, examples=examples or [], context=context, question=question)
         except jinja2.UndefinedError as e:
             raise InvalidParameterError(f"template error: {e.message}") from None
-        if count(prompt) <= budget:
-            return prompt, kept
-        if not kept:
-            raise ContextLengthError(f"the prompt needs {count(prompt)} tokens without any source; the budget is {budget}")
+
+    kept = list(hits)
+    while len(kept) > 1 and count(render(kept)) > budget:
         kept.pop()
+    if count(render(kept)) <= budget:
+        return render(kept), kept
+    if count(render([])) > budget:
+        raise ContextLengthError(f"the prompt needs {count(render([]))} tokens without any source; the budget is {budget}")
+    best, lo, hi = kept[0], 0, len(kept[0].text)  # the longest prefix of the best chunk that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(render([replace(best, text=best.text[:mid])])) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    kept = [replace(best, text=best.text[:lo], end=best.start + lo)] if lo else []
+    return render(kept), kept
 
 
 @dataclass
