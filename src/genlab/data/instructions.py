@@ -23,7 +23,7 @@ import numpy as np
 
 from genlab.codecs.text import render_chat
 from genlab.data.readers import iter_jsonl, list_files
-from genlab.data.tokens import _in_val
+from genlab.data.tokens import in_heldout_split
 from genlab.errors import DataError, InvalidParameterError
 
 
@@ -206,7 +206,7 @@ def prepare_examples(sources, tokenizer, max_tokens: int, val_fraction: float = 
                 continue
             example = Example(example.ids[:max_tokens], example.labels[:max_tokens], where)
             stats.truncated += 1
-        (val if _in_val(key, val_fraction) else train).append(example)
+        (val if in_heldout_split(key, val_fraction) else train).append(example)
     if not train and not val:
         raise DataError("no usable instruction examples (every record was a duplicate, empty or too long)")
     if not val or not train:

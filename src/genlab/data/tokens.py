@@ -50,7 +50,9 @@ def _cache_key(sources, texts, tokenizer, options: dict) -> str:
     return h.hexdigest()
 
 
-def _in_val(doc: str, val_fraction: float) -> bool:
+def in_heldout_split(doc: str, val_fraction: float) -> bool:
+    """Whether a document (or record key) falls in the held-out split: a stable hash, so a
+    document keeps its side of the split across runs, machines and corpus changes."""
     bucket = int.from_bytes(hashlib.blake2b(doc.encode(), digest_size=8).digest(), "little") % 1_000_000
     return bucket < val_fraction * 1_000_000
 
@@ -89,7 +91,7 @@ def prepare_tokens(out_dir: str | Path, tokenizer, sources: Iterable | None = No
             # A batch call: the Rust tokenizer encodes the documents in parallel threads.
             for doc, ids in zip(batch, tokenizer(batch)["input_ids"]):
                 ids = ids + [eos] if eos is not None else ids
-                split = "val" if _in_val(doc, val_fraction) else "train"
+                split = "val" if in_heldout_split(doc, val_fraction) else "train"
                 if split == "train":
                     doc_starts.append(counts["train"])
                 files[split].write(np.asarray(ids, dtype=dtype).tobytes())

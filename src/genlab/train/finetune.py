@@ -29,7 +29,7 @@ from rich.table import Table
 from genlab.codecs.text import stop_token_ids
 from genlab.data.corpus import python_docs_corpus, statistics_corpus, statistics_instructions
 from genlab.data.instructions import detect_mode, prepare_examples
-from genlab.data.tokens import _in_val, prepare_tokens
+from genlab.data.tokens import in_heldout_split, prepare_tokens
 from genlab.errors import GenlabError, InvalidParameterError
 from genlab.evaluate.perplexity import perplexity
 from genlab.fsutil import write_json
@@ -138,7 +138,7 @@ def text_windows(texts: list[str], tokenizer, seq_len: int) -> TokenWindows:
 def general_eval_set(tokenizer, seq_len: int) -> TokenWindows:
     """Held-out general text: the bundled Python docs that genlab's pretraining holds out by default
     (its 5% document-hash validation split), so a genlab base never trained on them."""
-    docs = [d for d in python_docs_corpus() if _in_val(d, 0.05)]
+    docs = [d for d in python_docs_corpus() if in_heldout_split(d, 0.05)]
     return text_windows(docs, tokenizer, seq_len)
 
 
