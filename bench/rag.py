@@ -2,6 +2,7 @@
 
     python bench/rag.py                      # 100k chunks (needs: pip install chromadb)
     python bench/rag.py --chunks 20000 --queries 100
+    python bench/rag.py --work /tmp/ragbench   # keep the store: a second run re-measures queries only
 
 Corpus: the bundled offline text (CPython docs, scipy.stats docstrings, dataset descriptions)
 cut into --chunks distinct windows of --words words (30 by default: embedding 100k chunks on 2
@@ -58,24 +59,38 @@ def main():
     parser.add_argument("--words", type=int, default=30, help="words per chunk (embedding cost grows with it)")
     parser.add_argument("--skip-chroma", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--work", help="keep documents and store in this folder; a later run with the same "
+                                       "settings reuses them (incremental indexing finds nothing to do) and "
+                                       "reports the first run's build rate")
     args = parser.parse_args()
 
     from genlab.rag.embed import Embedder
     from genlab.rag.indexer import index
     from genlab.rag.retrieve import Retriever
 
-    tmp = Path(tempfile.mkdtemp(prefix="genlab-rag-bench-"))
+    tmp = Path(args.work or tempfile.mkdtemp(prefix="genlab-rag-bench-"))
     try:
         texts = passages(args.chunks, args.words)
         docs = tmp / "docs"
-        docs.mkdir()
+        settings = {"chunks": args.chunks, "words": args.words}
+        build_file = tmp / "build.json"
+        if build_file.exists() and json.loads(build_file.read_text())["settings"] != settings:
+            raise SystemExit(f"{tmp}: built with other settings ({build_file.read_text()}); use another --work folder")
+        docs.mkdir(parents=True, exist_ok=True)
         for f in range(0, len(texts), 1000):
-            with open(docs / f"part{f // 1000:04d}.jsonl", "w") as out:
-                out.writelines(json.dumps({"text": t}) + "\n" for t in texts[f : f + 1000])
+            part = docs / f"part{f // 1000:04d}.jsonl"
+            if not part.exists():
+                with open(part, "w") as out:
+                    out.writelines(json.dumps({"text": t}) + "\n" for t in texts[f : f + 1000])
         embedder = Embedder()
         start = time.perf_counter()
         report = index([docs], tmp / "store", embedder)
         build = time.perf_counter() - start
+        if report.chunks_embedded == 0 and build_file.exists():
+            build = json.loads(build_file.read_text())["build_s"]
+            print(f"reusing the store in {tmp} (built earlier in {build:.0f}s)")
+        else:
+            build_file.write_text(json.dumps({"settings": settings, "build_s": build}))
         retriever = Retriever(tmp / "store", embedder)
         kind = json.loads((tmp / "store" / "vectors.json").read_text())["kind"]
         print(f"indexed {report.chunks_total:,} chunks in {build:.0f}s ({report.chunks_total / build:,.0f} chunks/s, {kind} FAISS index)")
@@ -112,6 +127,7 @@ def main():
         if not args.skip_chroma:
             import chromadb
 
+            shutil.rmtree(tmp / "chroma", ignore_errors=True)
             client = chromadb.PersistentClient(path=str(tmp / "chroma"))
             col = client.create_collection("bench", metadata={"hnsw:space": "cosine"})
             t0 = time.perf_counter()
@@ -129,7 +145,8 @@ def main():
             result["chroma"] = {"add_s_precomputed_embeddings": chroma_build, "latency_ms": (pct(times, 50), pct(times, 95)),
                                 "recall@10_vs_exact": statistics.mean(len(a & b) / 10 for a, b in zip(found, exact))}
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"# retrieval benchmark — {result['date']} — {result['machine']} — {result['chunks']:,} chunks, "
           f"{args.queries} queries, k=10, query embedding included")
