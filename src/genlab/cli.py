@@ -23,6 +23,10 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
 rag_app = typer.Typer(no_args_is_help=True, help="Retrieval quality.")
 app.add_typer(rag_app, name="rag")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for genlab serve (stored hashed).")
+app.add_typer(keys_app, name="keys")
+feedback_app = typer.Typer(no_args_is_help=True, help="Recorded feedback: list it, export training sets.")
+app.add_typer(feedback_app, name="feedback")
 out = Console()
 err = Console(stderr=True)
 
@@ -508,6 +512,105 @@ def rag_eval(
     for method, values in results.items():
         table.add_row(method, *(f"{values[m]:.3f}" for m in metrics))
     out.print(table)
+
+
+FeedbackDb = Annotated[Path, typer.Option("--db", help="Feedback database written by genlab serve.")]
+
+
+@app.command()
+def serve(
+    model_path: Annotated[str, typer.Argument(help="Model folder.")],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="LoRA adapter folder, or NAME=FOLDER (repeatable; the first is the default).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="RAG store (genlab index): enables rag and the MODEL+docs models.")] = None,
+    embedder: Embedder = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    db: Annotated[Path, typer.Option(help="Feedback database (every exchange and rating).")] = Path("genlab-feedback.db"),
+    name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: the folder name).")] = None,
+    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Accepted bearer key, or USER=KEY (repeatable). Prefer --api-keys-file.")] = None,
+    api_keys_file: Annotated[Optional[Path], typer.Option(help="Keys file from genlab keys create (hashed keys).")] = None,
+    engine: Annotated[str, typer.Option(help="batch (continuous batching) | sequential (transformers generate per request).")] = "batch",
+    slots: Annotated[int, typer.Option(help="Requests decoded together at most.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Waiting requests beyond which the server answers 503.")] = 64,
+    cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="Allow browser pages from this origin (repeatable; default: CORS off).")] = None,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+):
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models),
+    feedback API (/v1/feedback) and web UI (/), recording every exchange in --db.
+
+    Example: genlab serve my-model/ --adapter stats=runs/sft/adapter --store runs/store --port 8000
+    """
+    import genlab
+    from genlab.serve.app import ServeConfig
+    from genlab.serve.app import serve as run_server
+
+    model = genlab.load(model_path, dtype=dtype, device=device, adapters=_adapters(adapter))
+    config = ServeConfig(name=name, engine=engine, slots=slots, max_queue=max_queue, db=db, store=store,
+                         embedder=embedder, api_keys=api_key or [], api_keys_file=api_keys_file,
+                         cors_origins=cors_origin or [])
+    err.print(f"genlab: serving {escape(str(model_path))} on http://{host}:{port} (UI at /, API at /v1, feedback in {db})")
+    run_server(model, config, host=host, port=port)
+
+
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Argument(help="Who the key is for (recorded with their feedback).")],
+    file: Annotated[Path, typer.Option("--file", help="Keys file (created if missing; holds only hashes).")],
+):
+    """Create an API key: its hash is appended to --file, the key is printed once.
+
+    Example: genlab keys create alice --file keys.txt && genlab serve my-model/ --api-keys-file keys.txt
+    """
+    from genlab.serve.auth import create_key
+
+    print(create_key(user, file))
+
+
+@feedback_app.command("export")
+def feedback_export(
+    out_file: Annotated[Path, typer.Argument(help="JSONL file to write.")],
+    db: FeedbackDb = Path("genlab-feedback.db"),
+    format: Annotated[str, typer.Option("--format", help="dpo (preference pairs) | kto (rated answers) | sft (corrections, liked answers).")] = "dpo",
+):
+    """Write recorded feedback as a TRL-convention dataset.
+
+    Example: genlab feedback export prefs.jsonl --db genlab-feedback.db --format dpo
+    """
+    from genlab.feedback.store import FeedbackStore
+
+    with FeedbackStore(_existing(db)) as store:
+        rows = store.export(format, out_file)
+    err.print(f"wrote {rows} {format} rows to {escape(str(out_file))}")
+
+
+@feedback_app.command("list")
+def feedback_list(
+    db: FeedbackDb = Path("genlab-feedback.db"),
+    limit: Annotated[int, typer.Option(help="Rows to show (newest first).")] = 20,
+):
+    """Show the newest feedback with the answers it is about.
+
+    Example: genlab feedback list --db genlab-feedback.db
+    """
+    from genlab.feedback.store import FeedbackStore
+
+    with FeedbackStore(_existing(db)) as store:
+        rows = store.list_feedback(limit=limit)
+        table = Table("id", "completion", "rating", "correction", "preferred/rejected", "comment",
+                      title=f"{store.count_feedback()} feedback rows, {store.count_completions()} completions")
+    for r in rows:
+        pair = f"{r['preferred']} > {r['rejected']}" if r.get("preferred") else ""
+        rating = "" if r.get("rating") is None else f"{r['rating']} ({r.get('rating_scale')})"
+        table.add_row(str(r["id"]), r["completion_id"], rating, escape((r.get("correction") or "")[:60]), pair,
+                      escape((r.get("comment") or "")[:40]))
+    out.print(table)
+
+
+def _existing(db: Path) -> Path:
+    if not db.is_file():
+        raise GenlabError(f"{db}: no such feedback database (genlab serve --db writes it)")
+    return db
 
 
 if __name__ == "__main__":

@@ -79,8 +79,11 @@ class LanguageModel:
         """Token ids for a text prompt (the tokenizer adds its own bos, if any) or a chat."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
-        text = render_chat(self.tokenizer, prompt, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has bos
+        return self.tokenizer(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]  # the template has bos
+
+    def prompt_text(self, prompt: str | Messages) -> str:
+        """The text the model is fed: a string as is, a chat rendered with the model's template."""
+        return prompt if isinstance(prompt, str) else render_chat(self.tokenizer, prompt, add_generation_prompt=True)
 
     def _batch(self, prompts) -> tuple[list[list[int]], bool]:
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))

@@ -54,7 +54,10 @@ class SamplingParams:
 class RowSampler:
     """Per-row sampling state for a batch: parameters as tensors, generators, seen-token masks."""
 
-    def __init__(self, rows: list[SamplingParams], seeds: list[int], vocab_size: int, device):
+    def __init__(self, rows: list[SamplingParams], seeds: list[int] | None, vocab_size: int, device,
+                 generators: list[torch.Generator] | None = None, seen: torch.Tensor | None = None):
+        """Either `seeds` (new generators) or the rows' own `generators` (a batch whose rows come
+        and go keeps each row's generator); `seen` [B, V] may be given to keep it across batches."""
         def col(name, dtype=torch.float32):
             return torch.tensor([getattr(p, name) for p in rows], dtype=dtype, device=device)[:, None]
 
@@ -65,8 +68,10 @@ class RowSampler:
         self.any_penalty = bool((self.penalty != 1).any())
         self.any_truncation = bool((self.top_k > 0).any() or (self.top_p < 1).any())
         self.any_min_p = bool((self.min_p > 0).any())
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        self.seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device) if self.any_penalty else None
+        self.generators = generators or [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        if seen is None and self.any_penalty:
+            seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+        self.seen = seen if self.any_penalty else None
         self.vocab_size = vocab_size
 
     def observe(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> None:

@@ -82,6 +82,12 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of batch rows [start, stop): writes through it land in this cache."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k[:, start:stop], self.v[:, start:stop], self.max_len
+        return view
+
 
 # oneDNN's per-call cost outweighs its faster product on small matrices (measured here: a
 # 1.3M-parameter model decodes faster with plain products, 10M+ with every projection packed).
@@ -147,8 +153,13 @@ class Attention(nn.Module):
         if cache is not None:
             # Write this step's keys/values into their slots, then attend over the filled prefix.
             ck, cv = cache.k[self.layer], cache.v[self.layer]
-            ck.index_copy_(2, cache_pos, k)
-            cv.index_copy_(2, cache_pos, v)
+            if cache_pos.dim() == 2:  # [B, 1]: each row writes its own slot (rows of different lengths)
+                rows = torch.arange(b, device=ck.device)
+                ck[rows, :, cache_pos[:, 0]] = k[:, :, 0]
+                cv[rows, :, cache_pos[:, 0]] = v[:, :, 0]
+            else:
+                ck.index_copy_(2, cache_pos, k)
+                cv.index_copy_(2, cache_pos, v)
             k, v = ck[:, :, :kv_len], cv[:, :, :kv_len]
         if t == 1:
             y = self.attend_one(q, k, v, mask)
@@ -299,7 +310,8 @@ class Transformer(nn.Module):
         """Logits for `input_ids` [B, T].
 
         Without a cache this is plain causal attention (training, scoring). With a cache, the
-        new keys/values go to slots `cache_pos` and attention covers the first `kv_len` slots
+        new keys/values go to slots `cache_pos` ([T], or [B, 1] per row when decoding rows of
+        different lengths) and attention covers the first `kv_len` slots
         under the additive float `mask` [B, 1, T, kv_len] (0 = attend, -inf = not); `positions` [B, T] are the
         RoPE positions, which differ per row when prompts are left-padded.
 
