@@ -211,6 +211,73 @@ def rag_tour(out: Path, model_dir: Path, summary: dict):
     summary.update(retrieval_hybrid_mrr10=round(results["hybrid"]["mrr@10"], 3), rag_chunks=report.chunks_total)
 
 
+def serve_tour(out: Path, model_dir: Path, summary: dict):
+    step("7 · serving: OpenAI-compatible API, continuous batching, feedback capture")
+    import threading
+
+    import httpx
+    import openai
+
+    from genlab.feedback.store import FeedbackStore
+    from genlab.serve.app import ServeConfig, background, create_app
+
+    root = out / "serve"
+    shutil.rmtree(root, ignore_errors=True)
+    adapters = {"qa": out / "adapt" / "sft" / "adapter"}
+    model = genlab.load(model_dir, adapters={k: v for k, v in adapters.items() if v.exists()})
+    app = create_app(model, ServeConfig(name="quickstart", db=root / "feedback.db", store=out / "rag" / "store"))
+    with background(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        console.print(f"server at {url} (web UI at {url}/); models: {[m.id for m in client.models.list()]}")
+        console.print("[bold]openai client, streaming from quickstart:qa:[/] ", end="")
+        question = [{"role": "user", "content": "What does scipy.stats.norm do?"}]
+        for chunk in client.chat.completions.create(model="quickstart:qa", messages=question, max_tokens=32,
+                                                    temperature=0, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                console.print(chunk.choices[0].delta.content, end="", markup=False, highlight=False)
+        console.print()
+        grounded = client.chat.completions.create(model="quickstart+docs", max_tokens=24, temperature=0, messages=[
+            {"role": "user", "content": "What does the with statement do?"}])
+        console.print("RAG answer sources: " + ", ".join(s["source"] for s in grounded.model_extra["sources"]),
+                      markup=False, highlight=False)
+        as_json = client.chat.completions.create(model="quickstart", max_tokens=40, temperature=0.8, seed=1,
+                                                 response_format={"type": "json_object"}, messages=question)
+        console.print(f"json_object answer (always parses): {as_json.choices[0].message.content}", markup=False)
+
+        def load(clients: int) -> float:
+            tokens = []
+
+            def one(i):
+                r = client.chat.completions.create(model="quickstart", max_tokens=48, temperature=1.0, seed=i,
+                                                   messages=[{"role": "user", "content": f"Tell me about module {i}."}])
+                tokens.append(r.usage.completion_tokens)
+
+            start = time.perf_counter()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return sum(tokens) / (time.perf_counter() - start)
+
+        single, eight = load(1), load(8)
+        console.print(f"continuous batching: 1 client {single:,.0f} tok/s, 8 concurrent clients {eight:,.0f} tok/s "
+                      f"aggregate ({eight / single:.1f}x)")
+        a = client.chat.completions.create(model="quickstart", messages=question, max_tokens=24, temperature=1.0, seed=1)
+        b = client.chat.completions.create(model="quickstart", messages=question, max_tokens=24, temperature=1.0, seed=2)
+        for body in ({"completion_id": a.id, "rating": 1}, {"completion_id": b.id, "rating": -1},
+                     {"completion_id": b.id, "correction": "It is the normal (Gaussian) continuous random variable."},
+                     {"completion_id": a.id, "preferred": a.id, "rejected": b.id}):
+            httpx.post(url + "/v1/feedback", json=body).raise_for_status()
+    with FeedbackStore(root / "feedback.db") as store:
+        counts = {kind: store.export(kind, root / f"{kind}.jsonl") for kind in ("dpo", "kto", "sft")}
+        recorded = store.count_completions()
+    console.print(f"recorded {recorded} exchanges; feedback exported as TRL datasets: {counts} -> {root}/")
+    summary.update(serve_tok_s_1_client=round(single), serve_tok_s_8_clients=round(eight),
+                   serve_batching_gain=round(eight / single, 1), serve_recorded_exchanges=recorded,
+                   feedback_dpo_rows=counts["dpo"])
+
+
 def main():
     transformers.utils.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,6 +296,7 @@ def main():
     plots.append(speed_tour(model, hf, args.out, summary, args.new_tokens))
     plots.append(adaptation_tour(args.out, args.out / "pretrain" / "model", summary, args.adapt_steps))
     rag_tour(args.out, args.out / "pretrain" / "model", summary)
+    serve_tour(args.out, args.out / "pretrain" / "model", summary)
     step("summary")
     table = Table("measured", "value")
     for key, value in summary.items():

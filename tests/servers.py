@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import genlab
 from genlab.model.transformer import ModelConfig
+from genlab.serve.app import background
 
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=256)
 
@@ -32,25 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def running(app):
-    """Serve `app` with uvicorn in a thread; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+running = background  # the package's own in-thread server
 
 
 def wait_healthy(url: str, proc, timeout: float = 120) -> None:

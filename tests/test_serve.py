@@ -325,3 +325,70 @@ def test_sigkill_under_load_loses_nothing_acknowledged(folder, tmp_path):
         proc.terminate()
         log += proc.communicate(timeout=30)[0]
     assert key not in log  # keys never reach the logs
+
+
+def test_rag_through_the_api(model, tmp_path):
+    from genlab.rag.indexer import index
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "fox.md").write_text("# Foxes\n\nThe red fox is quick and brown; it jumps over lazy dogs at dawn.")
+    (docs / "co2.md").write_text("# Climate\n\nMauna Loa measured 315.7 ppm of CO2 in 1958 and 422.8 ppm in 2024.")
+    (docs / "trials.md").write_text("# Trials\n\nPatients were randomised to treatment or placebo; mortality was the endpoint.")
+    index([docs], tmp_path / "store")
+    app = create_app(model, ServeConfig(db=tmp_path / "fb.db", store=tmp_path / "store"))
+    with running(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["tiny", "tiny+docs"]
+        question = [{"role": "user", "content": "How much CO2 did Mauna Loa measure in 1958?"}]
+        r = c.chat.completions.create(model="tiny+docs", messages=question, max_tokens=10, temperature=0)
+        sources = r.model_extra["sources"]
+        assert sources[0]["path"].endswith("co2.md") and sources[0]["n"] == 1
+        assert set(r.choices[0].model_extra["citations"]) == {"cited", "invalid"}
+        same = c.chat.completions.create(model="tiny", messages=question, max_tokens=10, temperature=0,
+                                         extra_body={"rag": True})
+        assert same.choices[0].message.content == r.choices[0].message.content
+        chunks = list(c.chat.completions.create(model="tiny+docs", messages=question, max_tokens=10, temperature=0,
+                                                stream=True))
+        assert chunks[-1].model_extra["sources"] == sources
+    with sqlite3.connect(tmp_path / "fb.db") as db:
+        prompt, stored = db.execute("SELECT prompt, sources FROM completions WHERE id = ?", (r.id,)).fetchone()
+    assert "[1]" in prompt and "315.7 ppm" in prompt and json.loads(stored) == sources
+
+
+def test_adapters_per_request_in_one_server(folder, tmp_path):
+    """Requests for the base and for an adapter, sent together, each get their own model's output."""
+    import torch
+
+    from genlab.model.adapters import add_lora, save_adapter
+
+    base = genlab.load(folder)
+    peft = add_lora(base.module, r=4, targets=["q_proj", "v_proj"], seed=1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a no-op adapter (B = 0) would not show that it is applied
+    save_adapter(peft, tmp_path / "shouty", folder)
+    model = genlab.load(folder, adapters={"shouty": tmp_path / "shouty"})
+    expected = {name: model.generate(CHAT, adapter=name, max_new_tokens=16, temperature=0).text
+                for name in ("base", "shouty")}
+    assert expected["base"] != expected["shouty"]
+    app = create_app(model, ServeConfig(db=tmp_path / "fb.db"))
+    with running(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["tiny", "tiny:shouty"]
+        got = {}
+
+        def ask(key, kw):
+            r = c.chat.completions.create(messages=CHAT, max_tokens=16, temperature=0, **kw)
+            got.setdefault(key, []).append(r.choices[0].message.content)
+
+        calls = [("base", dict(model="tiny", extra_body={"adapter": "base"})), ("shouty", dict(model="tiny:shouty")),
+                 ("shouty", dict(model="tiny")),  # the first adapter loaded is the default
+                 ("base", dict(model="tiny", extra_body={"adapter": "base"}))] * 2
+        threads = [threading.Thread(target=ask, args=call) for call in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert got["base"] == [expected["base"]] * 4 and got["shouty"] == [expected["shouty"]] * 4

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -260,8 +261,6 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     server = Server(model, config)
     static = _static_files()
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):
@@ -560,4 +559,26 @@ def serve(model, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
     uvicorn.run(create_app(model, config), host=host, port=port, log_level=log_level)
 
 
+@contextmanager
+def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    """Serve `app` from a thread (notebooks, tests, the quickstart); yields the base URL.
+    Port 0 picks a free port."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, name="genlab-serve", daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
