@@ -201,6 +201,31 @@ def test_feedback_api_and_export(server, client, tmp_path):
     assert pair["chosen"] == [{"role": "assistant", "content": a.choices[0].message.content}]
     assert pair["rejected"] == [{"role": "assistant", "content": b.choices[0].message.content}]
     assert pair["prompt"] == CHAT
+    import subprocess
+    import sys
+
+    out = tmp_path / "dpo.jsonl"
+    r = subprocess.run([sys.executable, "-m", "genlab.cli", "feedback", "export", out, "--db", server[1], "--format", "dpo"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == dpo
+    r = subprocess.run([sys.executable, "-m", "genlab.cli", "feedback", "list", "--db", server[1]], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "off topic" in r.stdout
+
+
+def test_keys_file_holds_only_hashes(tmp_path):
+    import subprocess
+    import sys
+
+    from genlab.serve.auth import KeyRing
+
+    r = subprocess.run([sys.executable, "-m", "genlab.cli", "keys", "create", "carol", "--file", tmp_path / "keys.txt"],
+                       capture_output=True, text=True, timeout=120)
+    key = r.stdout.strip()
+    assert r.returncode == 0 and key.startswith("gl-") and key not in (tmp_path / "keys.txt").read_text()
+    ring = KeyRing.load(file=tmp_path / "keys.txt")
+    assert ring.user(f"Bearer {key}") == "carol" and ring.user("Bearer gl-wrong") is None and ring.user(None) is None
 
 
 def test_embeddings(client):
@@ -392,3 +417,6 @@ def test_adapters_per_request_in_one_server(folder, tmp_path):
         for t in threads:
             t.join()
     assert got["base"] == [expected["base"]] * 4 and got["shouty"] == [expected["shouty"]] * 4
+    with sqlite3.connect(tmp_path / "fb.db") as db:
+        versions = dict(db.execute("SELECT adapter, model_version FROM completions").fetchall())
+    assert versions["shouty"].startswith(versions["base"] + "+shouty@") and len(versions["base"]) == 12

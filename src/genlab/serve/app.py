@@ -26,6 +26,7 @@ from genlab.feedback.store import ChoiceRecord, CompletionRecord, FeedbackStore,
 from genlab.generate.batcher import Event, QueueFullError
 from genlab.generate.batcher import Request as EngineRequest
 from genlab.generate.sampling import SamplingParams
+from genlab.model import adapters as lora
 from genlab.serve.auth import KeyRing
 from genlab.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, FeedbackRequest
 
@@ -162,6 +163,7 @@ class Exchange:
     sources: list | None
     user: str | None
     job: Job
+    version: str | None = None  # model and adapter version (content digests)
     engine_request: EngineRequest | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -174,6 +176,7 @@ class Exchange:
         return CompletionRecord(
             id=self.id, endpoint=self.endpoint, model=self.model, prompt=self.prompt, choices=choices,
             request=self.body, params=params, messages=self.messages, adapter=self.adapter, user=self.user,
+            model_version=self.version,
             sources=self.sources, prompt_tokens=len(self.prompt_ids), completion_tokens=sum(self.job.tokens),
             latency_ms=(time.perf_counter() - self.started) * 1000)
 
@@ -199,6 +202,9 @@ class Server:
         else:
             raise InvalidParameterError(f"unknown engine {config.engine!r}; use 'batch' or 'sequential'")
         self.context = self.worker.max_len
+        base = folder_version(model.path) if model.path else None
+        self.versions = {lora.BASE: base, **{name: f"{base}+{name}@{folder_version(folder)}"
+                                             for name, folder in model.adapters.items()}}
         self.feedback = FeedbackStore(config.db)
         self.keys = KeyRing.load(config.api_keys, config.api_keys_file)
         self.retriever = None
@@ -238,6 +244,21 @@ class Server:
     def close(self):
         self.worker.close()
         self.feedback.close()
+
+
+def folder_version(folder) -> str:
+    """A short digest of a model or adapter folder: its file names, sizes and modification times,
+    and its small JSON files (cheap even for multi-GB weights)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file():
+            stat = f.stat()
+            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            if f.suffix == ".json" and stat.st_size < 1_000_000:
+                digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _citations_of(text: str, sources: list | None) -> dict | None:
@@ -373,7 +394,7 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
             raise as_api_error(e) from None
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         ex = Exchange(new_completion_id(prefix), endpoint, body.model, adapter, body.model_dump(exclude_none=True),
-                      messages, prompt, ids, params, sources, user or body.user, Job(body.n))
+                      messages, prompt, ids, params, sources, user or body.user, Job(body.n), server.versions.get(adapter))
         json_object = bool(body.response_format and body.response_format.type == "json_object")
         try:
             ex.engine_request = server.worker.submit(EngineRequest(ids, params, ex.job.emit, adapter, json_object))
