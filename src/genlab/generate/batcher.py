@@ -19,6 +19,7 @@ import random
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -75,6 +76,13 @@ class _Row:
     constraint: object | None = None
 
 
+def _run_into(fn: Callable, future: Future) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as e:  # handed to the caller through the future
+        future.set_exception(e)
+
+
 def resolve_adapter(model, name: str | None) -> str:
     """The adapter a request runs with: the named one, "base" (none), or the model's default."""
     name = name if name is not None else (model.default_adapter or lora.BASE)
@@ -103,6 +111,7 @@ class Batcher:
         self.seen = torch.zeros(slots, cfg.vocab_size, dtype=torch.bool, device=device)
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
+        self.calls: deque[tuple[Callable, Future]] = deque()  # work for the engine thread between steps
         self.wake = threading.Condition()
         self.group: str | None = None  # the adapter the running batch uses
         self.adapter_scope = contextlib.ExitStack()
@@ -132,6 +141,19 @@ class Batcher:
     def resolve_adapter(self, name: str | None) -> str:
         return resolve_adapter(self.model, name)
 
+    def call(self, fn: Callable) -> Future:
+        """Run `fn()` on the engine thread between two decoding steps (e.g. load an adapter while
+        serving: nothing else touches the model then). The future holds its result."""
+        future: Future = Future()
+        with self.wake:
+            self.calls.append((fn, future))
+            self.wake.notify()
+        return future
+
+    def load_adapter(self, path, name: str) -> Future:
+        """Add an adapter while serving (loaded between steps; in-flight rows are untouched)."""
+        return self.call(lambda: self.model.load_adapter(path, name, default=False))
+
     @property
     def load(self) -> dict:
         return {"running": len(self.rows), "waiting": len(self.waiting), "slots": self.slots}
@@ -146,10 +168,14 @@ class Batcher:
     def _loop(self):
         while True:
             with self.wake:
-                while self.running and not self.rows and not self.waiting:
+                while self.running and not self.rows and not self.waiting and not self.calls:
                     self.wake.wait()
                 if not self.running:
                     break
+                calls = list(self.calls)
+                self.calls.clear()
+            for fn, future in calls:
+                _run_into(fn, future)
             try:
                 with torch.inference_mode():
                     self._admit()

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import Future
 
 import torch
 
 from genlab.errors import ContextLengthError, InvalidParameterError
-from genlab.generate.batcher import Event, QueueFullError, Request, resolve_adapter
+from genlab.generate.batcher import Event, QueueFullError, Request, _run_into, resolve_adapter
 from genlab.generate.detok import TextStream
 from genlab.model import adapters as lora
 
@@ -58,12 +59,31 @@ class SequentialWorker:
     def load(self) -> dict:
         return {"running": self.busy, "waiting": self.waiting.qsize(), "slots": 1}
 
+    def call(self, fn) -> Future:
+        """Run `fn()` on the worker thread between two requests (see Batcher.call)."""
+        future: Future = Future()
+        self.waiting.put((fn, future))
+        return future
+
+    def load_adapter(self, path, name: str) -> Future:
+        """Add an adapter to the transformers model while serving (between two requests)."""
+
+        def load():
+            self.hf = lora.load_adapter(self.hf, path, name).eval()
+            self.model.adapters[name] = str(path)
+            return name
+
+        return self.call(load)
+
     def close(self) -> None:
         self.waiting.put(None)
         self.thread.join(timeout=10)
 
     def _loop(self):
         while (req := self.waiting.get()) is not None:
+            if isinstance(req, tuple):
+                _run_into(*req)
+                continue
             if req.cancelled:
                 continue
             self.busy = 1
