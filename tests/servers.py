@@ -17,6 +17,7 @@ def tiny_model_folder(tokenizer, folder, seed: int = 0):
     import torch
 
     model = genlab.build(TINY, tokenizer, seed=seed)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.base.parameters():
             if p.dim() > 1:

@@ -1,142 +1,235 @@
-// genlab web UI: streaming chat over /v1/chat/completions, feedback over /v1/feedback.
-// Model output is always inserted as text (textContent), never as HTML.
+// genlab web UI: streaming chat over /v1/chat/completions, feedback over /v1/feedback, and the
+// feedback history page. Plain ES2020, no build step, no dependencies.
+// Model output (and anything else from the server) is always inserted as text, never as HTML.
 "use strict";
 
-const $ = (sel) => document.querySelector(sel);
-const conversation = []; // {role, content} sent with every request
-let busy = false;
+const $ = (sel, root = document) => root.querySelector(sel);
+const KEY_STORE = "genlab-api-key";
+const MODEL_STORE = "genlab-model";
 
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
-  Object.assign(node, props);
-  for (const child of children) node.append(child);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "dataset") Object.assign(node.dataset, v);
+    else node[k] = v;
+  }
+  for (const child of children) if (child !== null && child !== undefined) node.append(child);
   return node;
 }
 
 function headers() {
   const h = { "Content-Type": "application/json" };
-  const key = localStorage.getItem("genlab-api-key");
+  const key = localStorage.getItem(KEY_STORE);
   if (key) h.Authorization = `Bearer ${key}`;
   return h;
 }
 
+// The message of an error response ({"error": {"message", ...}}), with a hint for a 401.
 async function errorText(response) {
+  let message = `HTTP ${response.status}`;
   try {
     const body = await response.json();
-    if (response.status === 401) return "The server needs an API key: enter it in the sidebar.";
-    return body.error ? body.error.message : `HTTP ${response.status}`;
+    if (body && body.error && body.error.message) message = body.error.message;
   } catch {
-    return `HTTP ${response.status}`;
+    /* not JSON: keep the status */
   }
+  if (response.status === 401) {
+    return `API key needed (401): ${message}. Enter a valid key under "API key" in the sidebar.`;
+  }
+  return message;
 }
+
+async function api(path, body) {
+  const init = body === undefined ? { headers: headers() } : { method: "POST", headers: headers(), body: JSON.stringify(body) };
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (e) {
+    throw new Error(`cannot reach the server (${e.message})`);
+  }
+  if (!response.ok) throw new Error(await errorText(response));
+  return response;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chat page
+// ---------------------------------------------------------------------------------------------
+
+const conversation = []; // {role, content}: the turns sent with every request (system prompt aside)
+let controller = null; // AbortController of the requests in flight (Stop)
+let pendingPair = null; // a compare pair whose better answer was not picked yet
 
 function setStatus(text, isError = false) {
   const s = $("#status");
   s.textContent = text;
-  s.className = isError ? "error" : "muted";
+  s.className = isError ? "status error" : "status muted";
 }
 
 async function loadModels() {
-  const response = await fetch("/v1/models", { headers: headers() });
-  if (!response.ok) return setStatus(await errorText(response), true);
-  const { data } = await response.json();
   const select = $("#model");
-  const previous = select.value || localStorage.getItem("genlab-model");
-  select.replaceChildren(...data.map((m) => el("option", { value: m.id, textContent: m.id })));
-  if (data.some((m) => m.id === previous)) select.value = previous;
-  setStatus(`${data.length} model${data.length === 1 ? "" : "s"} available`);
+  try {
+    const { data } = await (await api("/v1/models")).json();
+    const previous = select.value || localStorage.getItem(MODEL_STORE);
+    select.replaceChildren(...data.map((m) => el("option", {
+      value: m.id,
+      textContent: m.id.endsWith("+docs") ? `${m.id}  (answers with sources)` : m.id,
+    })));
+    if (data.some((m) => m.id === previous)) select.value = previous;
+    setStatus(`${data.length} model${data.length === 1 ? "" : "s"} available`);
+  } catch (e) {
+    select.replaceChildren();
+    setStatus(e.message, true);
+  }
+}
+
+function numberOf(id) {
+  const v = $(id).value.trim();
+  return v === "" ? null : Number(v);
+}
+
+// Check the sampling controls; returns an error message or null.
+function checkControls() {
+  const t = numberOf("#temperature"), p = numberOf("#top-p"), m = numberOf("#max-tokens"), s = numberOf("#seed");
+  if (t !== null && !(t >= 0 && t <= 2)) return "Temperature must be between 0 and 2.";
+  if (p !== null && !(p > 0 && p <= 1)) return "Top p must be in (0, 1].";
+  if (m !== null && !(Number.isInteger(m) && m >= 1)) return "Max tokens must be a whole number ≥ 1.";
+  if (s !== null && !Number.isInteger(s)) return "Seed must be a whole number.";
+  return null;
 }
 
 function requestBody(messages, seed) {
-  const body = {
-    model: $("#model").value,
-    messages,
-    stream: true,
-    stream_options: { include_usage: true },
-    temperature: Number($("#temperature").value),
-    top_p: Number($("#top-p").value),
-    max_tokens: Number($("#max-tokens").value),
-  };
+  const body = { model: $("#model").value, messages, stream: true, stream_options: { include_usage: true } };
+  const t = numberOf("#temperature"), p = numberOf("#top-p"), m = numberOf("#max-tokens");
+  if (t !== null) body.temperature = t;
+  if (p !== null) body.top_p = p;
+  if (m !== null) body.max_tokens = m;
   if (seed !== null && seed !== undefined) body.seed = seed;
   if ($("#json-mode").checked) body.response_format = { type: "json_object" };
   return body;
 }
 
-function fullConversation(extra) {
+function withSystem(turns) {
   const system = $("#system").value.trim();
-  return [...(system ? [{ role: "system", content: system }] : []), ...conversation, ...extra];
+  return [...(system ? [{ role: "system", content: system }] : []), ...turns];
 }
 
-function addUser(text, parent = $("#messages")) {
+function scrollDown() {
+  const box = $("#messages");
+  box.scrollTop = box.scrollHeight;
+}
+
+function addUser(text) {
   const node = el("div", { className: "message user" }, el("div", { className: "text", textContent: text }));
-  parent.append(node);
+  $("#messages").append(node);
+  scrollDown();
   return node;
 }
 
-function addAssistant(parent = $("#messages")) {
-  const text = el("div", { className: "text" });
-  const meta = el("div", { className: "meta" });
-  const node = el("div", { className: "message assistant" }, text, meta);
+function addAssistant(parent) {
+  const node = el("div", { className: "message assistant streaming" },
+    el("div", { className: "text" }), el("div", { className: "meta" }));
   parent.append(node);
-  node.scrollIntoView({ block: "end" });
+  scrollDown();
   return node;
 }
 
-// Stream one chat completion into `node`; resolves to {id, text} once [DONE] arrives.
-async function streamInto(node, body) {
-  const textEl = node.querySelector(".text");
-  const meta = node.querySelector(".meta");
-  const started = performance.now();
-  const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
-  if (!response.ok) throw new Error(await errorText(response));
+// Parse a text/event-stream body: calls onData(json) for each `data: {...}` event; resolves when
+// `data: [DONE]` arrives (throws if the stream ends without it, or on a `data: {"error": ...}`).
+async function readEvents(response, onData) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
-  let buffer = "", id = null, text = "", usage = null, sources = null, citations = null, finish = null;
+  let buffer = "";
+  const handle = (event) => {
+    const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+    if (data === "") return false;
+    if (data === "[DONE]") return true;
+    let chunk;
+    try {
+      chunk = JSON.parse(data);
+    } catch {
+      throw new Error(`unreadable server event: ${data.slice(0, 200)}`);
+    }
+    if (chunk.error) throw new Error(chunk.error.message || "the server reported an error");
+    onData(chunk);
+    return false;
+  };
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
+    if (done) {
+      buffer += decoder.decode();
+      if (buffer.trim() && handle(buffer.replace(/\r\n?/g, "\n").trim())) return;
+      throw new Error("the answer stream ended early (no [DONE])");
+    }
+    buffer = (buffer + decoder.decode(value, { stream: true })).replace(/\r\n?/g, "\n");
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
       const event = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
-      for (const line of event.split("\n")) {
-        if (!line.startsWith("data: ")) continue;
-        const data = line.slice(6);
-        if (data === "[DONE]") continue;
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
-        id = chunk.id || id;
-        if (chunk.usage) usage = chunk.usage;
-        if (chunk.sources) sources = chunk.sources;
-        for (const choice of chunk.choices || []) {
-          if (choice.delta && choice.delta.content) {
-            text += choice.delta.content;
-            textEl.textContent = text;
-          }
-          if (choice.citations) citations = choice.citations;
-          if (choice.finish_reason) finish = choice.finish_reason;
-        }
+      if (handle(event)) {
+        reader.cancel().catch(() => {});
+        return;
       }
     }
   }
-  node.dataset.completionId = id;
-  const seconds = (performance.now() - started) / 1000;
-  const tokens = usage ? usage.completion_tokens : 0;
-  meta.append(el("span", { className: "muted", textContent: `${tokens} tokens · ${(tokens / seconds).toFixed(1)} tok/s · ${finish}` }));
-  if (sources) node.append(renderSources(sources, citations));
+}
+
+// Stream one chat completion into `node`; resolves to {id, text} once it is complete (and
+// recorded by the server: only then does the node get its data-completion-id).
+async function streamInto(node, body, signal) {
+  const textEl = $(".text", node);
+  const meta = $(".meta", node);
+  const started = performance.now();
+  let firstToken = null, id = null, text = "", usage = null, sources = null, citations = null, finish = null, pieces = 0;
+  const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal })
+    .catch((e) => { throw e.name === "AbortError" ? e : new Error(`cannot reach the server (${e.message})`); });
+  if (!response.ok) throw new Error(await errorText(response));
+  await readEvents(response, (chunk) => {
+    id = chunk.id || id;
+    if (chunk.usage) usage = chunk.usage;
+    if (chunk.sources) sources = chunk.sources;
+    for (const choice of chunk.choices || []) {
+      const piece = choice.delta && choice.delta.content;
+      if (piece) {
+        firstToken = firstToken || performance.now();
+        pieces += 1;
+        text += piece;
+        textEl.textContent = text;
+        scrollDown();
+      }
+      if (choice.citations) citations = choice.citations;
+      if (choice.finish_reason) finish = choice.finish_reason;
+    }
+  });
+  node.classList.remove("streaming");
+  if (id) node.dataset.completionId = id;
+  const seconds = (performance.now() - (firstToken || started)) / 1000;
+  const tokens = usage ? usage.completion_tokens : pieces;
+  const stats = [`${tokens} token${tokens === 1 ? "" : "s"}`];
+  if (seconds > 0 && tokens > 1) stats.push(`${(tokens / seconds).toFixed(1)} tok/s`);
+  if (finish && finish !== "stop") stats.push(finish === "length" ? "cut at max tokens" : finish);
+  meta.append(el("span", { className: "stats", textContent: stats.join(" · "), title: id || "" }));
+  if (sources) node.insertBefore(renderSources(sources, citations), meta);
   return { id, text };
 }
 
 function renderSources(sources, citations) {
   const cited = new Set((citations && citations.cited) || []);
-  const box = el("div", { className: "sources" }, el("div", { textContent: "Sources" }));
+  const invalid = (citations && citations.invalid) || [];
+  const box = el("div", { className: "sources" },
+    el("div", { className: "sources-title", textContent: `Sources (${cited.size} of ${sources.length} cited)` }));
   for (const s of sources) {
-    const summary = el("summary", { textContent: `[${s.n}] ${s.source}${cited.has(s.n) ? " (cited)" : ""}` });
-    box.append(el("details", { className: cited.has(s.n) ? "cited" : "" }, summary, el("pre", { textContent: s.text })));
+    const name = [s.title || s.source || s.path || "untitled", s.heading].filter(Boolean).join(" › ");
+    const summary = el("summary", {},
+      el("span", { className: "marker", textContent: `[${s.n}]` }), ` ${name}`,
+      cited.has(s.n) ? el("span", { className: "badge cited-badge", textContent: "cited" }) : null,
+      typeof s.score === "number" ? el("span", { className: "muted", textContent: ` ${s.score.toFixed(3)}` }) : null);
+    const where = s.source && s.source !== name ? el("div", { className: "muted", textContent: s.path || s.source }) : null;
+    box.append(el("details", { className: `source${cited.has(s.n) ? " cited" : ""}`, dataset: { n: String(s.n) } },
+      summary, where, el("pre", { textContent: s.text || "" })));
   }
-  if (citations && citations.invalid && citations.invalid.length) {
-    box.append(el("div", { className: "error", textContent: `The answer cites ${citations.invalid.map((n) => `[${n}]`).join(", ")}, which match no source.` }));
+  if (invalid.length) {
+    box.append(el("div", { className: "invalid-citations error",
+      textContent: `⚠ The answer cites ${invalid.map((n) => `[${n}]`).join(", ")}, which match${invalid.length === 1 ? "es" : ""} no source.` }));
   }
   return box;
 }
@@ -144,51 +237,114 @@ function renderSources(sources, citations) {
 async function postFeedback(body, statusEl) {
   statusEl.textContent = "saving…";
   statusEl.className = "feedback-status";
-  const response = await fetch("/v1/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
-  if (response.ok) {
+  try {
+    await api("/v1/feedback", body);
     statusEl.textContent = "saved";
-  } else {
-    statusEl.textContent = await errorText(response);
+    return true;
+  } catch (e) {
+    statusEl.textContent = e.message;
     statusEl.className = "feedback-status error";
+    return false;
   }
-  return response.ok;
 }
 
-function addFeedbackControls(node, answerText) {
-  const meta = node.querySelector(".meta");
-  const status = el("span", { className: "feedback-status" });
-  const id = () => node.dataset.completionId;
-  const up = el("button", { className: "thumbs-up", type: "button", textContent: "▲ Good", title: "Thumbs up" });
-  const down = el("button", { className: "thumbs-down", type: "button", textContent: "▼ Bad", title: "Thumbs down" });
-  const correct = el("button", { className: "correct", type: "button", textContent: "Edit to correct" });
-  up.onclick = () => postFeedback({ completion_id: id(), rating: 1, rating_scale: "thumbs" }, status);
-  down.onclick = () => postFeedback({ completion_id: id(), rating: -1, rating_scale: "thumbs" }, status);
-  correct.onclick = () => {
-    if (node.querySelector(".correction")) return;
-    const area = el("textarea", { rows: 4, value: answerText });
-    const comment = el("input", { placeholder: "comment (optional)" });
-    const save = el("button", { type: "button", className: "save-correction", textContent: "Save correction" });
-    const form = el("div", { className: "correction" }, area, comment, save);
-    save.onclick = async () => {
-      const body = { completion_id: id(), correction: area.value };
-      if (comment.value.trim()) body.comment = comment.value.trim();
-      if (await postFeedback(body, status)) form.remove();
-    };
-    node.append(form);
+// An inline editor under the message (one at a time per kind).
+function inlineForm(node, kind, field, saveLabel, onSave) {
+  const old = $(`.${kind}`, node);
+  if (old) return old.remove();
+  const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel" });
+  const save = el("button", { type: "button", className: `save-${kind} primary`, textContent: saveLabel });
+  const form = el("div", { className: `inline-form ${kind}` }, field, el("div", { className: "row" }, save, cancel));
+  cancel.onclick = () => form.remove();
+  save.onclick = async () => {
+    save.disabled = true;
+    if (await onSave()) form.remove();
+    else save.disabled = false;
   };
-  meta.append(up, down, correct, status);
+  node.append(form);
+  field.focus();
+}
+
+function addFeedbackControls(node, answerText, status = el("span", { className: "feedback-status" })) {
+  const meta = $(".meta", node);
+  const id = () => node.dataset.completionId;
+  const button = (className, textContent, title) => el("button", { className: `icon ${className}`, type: "button", textContent, title });
+  const up = button("thumbs-up", "▲ Good", "Thumbs up: a good answer");
+  const down = button("thumbs-down", "▼ Bad", "Thumbs down: a bad answer");
+  const correct = button("correct", "✎ Edit to correct", "Write the answer it should have given");
+  const comment = button("comment-button", "Comment", "Leave a comment");
+  const rate = async (rating, button, other) => {
+    if (await postFeedback({ completion_id: id(), rating, rating_scale: "thumbs" }, status)) {
+      button.classList.add("on");
+      other.classList.remove("on");
+    }
+  };
+  up.onclick = () => rate(1, up, down);
+  down.onclick = () => rate(-1, down, up);
+  correct.onclick = () => {
+    const area = el("textarea", { rows: Math.min(12, Math.max(3, answerText.split("\n").length + 1)), value: answerText });
+    const note = el("input", { className: "correction-comment", placeholder: "why (optional)" });
+    const field = el("div", { className: "fields" }, area, note);
+    field.focus = () => area.focus();
+    inlineForm(node, "correction", field, "Save correction", () => {
+      if (!area.value.trim()) {
+        status.textContent = "the correction is empty";
+        status.className = "feedback-status error";
+        return false;
+      }
+      const body = { completion_id: id(), correction: area.value };
+      if (note.value.trim()) body.comment = note.value.trim();
+      return postFeedback(body, status);
+    });
+  };
+  comment.onclick = () => {
+    const area = el("textarea", { rows: 2, placeholder: "Your comment on this answer" });
+    inlineForm(node, "comment", area, "Save comment", () => {
+      if (!area.value.trim()) return false;
+      return postFeedback({ completion_id: id(), comment: area.value.trim() }, status);
+    });
+  };
+  meta.append(up, down, correct, comment, status);
+}
+
+function showError(node, message) {
+  node.classList.remove("streaming");
+  node.classList.add("failed");
+  $(".meta", node).append(el("span", { className: "error", textContent: message }));
 }
 
 function takePrompt() {
+  if (controller) return null;
+  const problem = checkControls() || (!$("#model").value && "No model: check the server (and the API key).");
+  if (problem) {
+    setStatus(problem, true);
+    return null;
+  }
   const text = $("#prompt").value.trim();
-  if (!text || busy || !$("#model").value) return null;
+  if (!text) return null;
   $("#prompt").value = "";
+  abandonPendingPair();
   return text;
 }
 
 function setBusy(value) {
-  busy = value;
-  for (const id of ["#send", "#compare"]) $(id).disabled = value;
+  controller = value ? new AbortController() : null;
+  $("#send").disabled = value;
+  $("#compare").disabled = value;
+  $("#stop").hidden = !value;
+  if (!value) $("#prompt").focus();
+}
+
+function abandonPendingPair() {
+  if (!pendingPair) return;
+  pendingPair.querySelectorAll(".better").forEach((b) => (b.disabled = true));
+  const hint = $(".pair-hint", pendingPair);
+  if (hint) hint.textContent = "No answer picked: this turn is not part of the conversation.";
+  pendingPair = null;
+}
+
+function stopped(e) {
+  return e && e.name === "AbortError";
 }
 
 async function send() {
@@ -196,15 +352,14 @@ async function send() {
   if (text === null) return;
   setBusy(true);
   addUser(text);
-  const node = addAssistant();
-  const messages = fullConversation([{ role: "user", content: text }]);
-  const seed = $("#seed").value === "" ? null : Number($("#seed").value);
+  const node = addAssistant($("#messages"));
+  const turns = [...conversation, { role: "user", content: text }];
   try {
-    const answer = await streamInto(node, requestBody(messages, seed));
+    const answer = await streamInto(node, requestBody(withSystem(turns), numberOf("#seed")), controller.signal);
     conversation.push({ role: "user", content: text }, { role: "assistant", content: answer.text });
     addFeedbackControls(node, answer.text);
   } catch (e) {
-    node.querySelector(".meta").append(el("span", { className: "error", textContent: e.message }));
+    showError(node, stopped(e) ? "stopped (not recorded; not part of the conversation)" : e.message);
   } finally {
     setBusy(false);
   }
@@ -215,107 +370,176 @@ async function compare() {
   if (text === null) return;
   setBusy(true);
   addUser(text);
+  const hint = el("div", { className: "pair-hint muted", textContent: "Two answers to the same conversation: pick the better one to continue." });
   const pair = el("div", { className: "pair" });
-  $("#messages").append(pair);
-  const messages = fullConversation([{ role: "user", content: text }]);
-  const base = $("#seed").value === "" ? Math.floor(Math.random() * 1e9) : Number($("#seed").value);
+  const wrap = el("div", { className: "compare" }, hint, pair);
+  $("#messages").append(wrap);
+  const turns = [...conversation, { role: "user", content: text }];
+  const seed = numberOf("#seed");
+  const base = seed === null ? Math.floor(Math.random() * 2 ** 31) : seed;
   const nodes = [addAssistant(pair), addAssistant(pair)];
-  try {
-    const answers = await Promise.all(nodes.map((node, i) => streamInto(node, requestBody(messages, base + i))));
-    nodes.forEach((node, i) => {
-      const status = el("span", { className: "feedback-status" });
-      const better = el("button", { className: "better", type: "button", textContent: "This one is better" });
-      better.onclick = async () => {
-        const other = answers[1 - i].id;
-        if (!(await postFeedback({ completion_id: answers[i].id, preferred: answers[i].id, rejected: other }, status))) return;
-        node.classList.add("chosen");
-        pair.querySelectorAll(".better").forEach((b) => (b.disabled = true));
-        conversation.push({ role: "user", content: text }, { role: "assistant", content: answers[i].text });
-      };
-      node.querySelector(".meta").append(better, status);
+  const signal = controller.signal;
+  // both at once: the server batches them
+  const results = await Promise.allSettled(nodes.map((node, i) => streamInto(node, requestBody(withSystem(turns), base + i), signal)));
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed) {
+    results.forEach((r, i) => {
+      if (r.status === "rejected") showError(nodes[i], stopped(r.reason) ? "stopped" : r.reason.message);
     });
-  } catch (e) {
-    nodes[0].querySelector(".meta").append(el("span", { className: "error", textContent: e.message }));
-  } finally {
+    hint.textContent = "The comparison did not complete; send again to retry.";
     setBusy(false);
+    return;
   }
+  const answers = results.map((r) => r.value);
+  nodes.forEach((node, i) => {
+    const status = el("span", { className: "feedback-status" });
+    const better = el("button", { className: "better", type: "button", textContent: "✓ This one is better" });
+    better.onclick = async () => {
+      const chosen = answers[i].id, other = answers[1 - i].id;
+      pair.querySelectorAll(".better").forEach((b) => (b.disabled = true));
+      if (!(await postFeedback({ completion_id: chosen, preferred: chosen, rejected: other }, status))) {
+        pair.querySelectorAll(".better").forEach((b) => (b.disabled = false));
+        return;
+      }
+      if (pendingPair === wrap) pendingPair = null;
+      node.classList.add("chosen");
+      nodes[1 - i].classList.add("rejected");
+      hint.textContent = "Preference saved; the chosen answer continues the conversation.";
+      better.remove();
+      $(".better", nodes[1 - i])?.remove();
+      conversation.push({ role: "user", content: text }, { role: "assistant", content: answers[i].text });
+      addFeedbackControls(node, answers[i].text, status);
+    };
+    $(".meta", node).append(better, status);
+  });
+  pendingPair = wrap;
+  setBusy(false);
 }
 
-function init() {
+function initChat() {
   const key = $("#api-key");
-  key.value = localStorage.getItem("genlab-api-key") || "";
+  key.value = localStorage.getItem(KEY_STORE) || "";
   key.onchange = () => {
-    localStorage.setItem("genlab-api-key", key.value.trim());
+    const v = key.value.trim();
+    if (v) localStorage.setItem(KEY_STORE, v);
+    else localStorage.removeItem(KEY_STORE);
     loadModels();
   };
-  $("#model").onchange = () => localStorage.setItem("genlab-model", $("#model").value);
+  $("#model").onchange = () => localStorage.setItem(MODEL_STORE, $("#model").value);
   $("#composer").onsubmit = (e) => {
     e.preventDefault();
     send();
   };
   $("#prompt").onkeydown = (e) => {
-    if (e.key === "Enter" && !e.shiftKey) {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
       send();
     }
   };
   $("#compare").onclick = compare;
+  $("#stop").onclick = () => controller && controller.abort();
   $("#reset").onclick = () => {
+    if (controller) controller.abort();
     conversation.length = 0;
+    pendingPair = null;
     $("#messages").replaceChildren();
+    $("#prompt").focus();
   };
   loadModels();
 }
 
-if ($("#composer")) init();
+// ---------------------------------------------------------------------------------------------
+// Feedback history page (/history; ?limit=N sets the page size)
+// ---------------------------------------------------------------------------------------------
 
-// --- feedback history page -----------------------------------------------------------------
-const PAGE = 50;
-let offset = 0;
+const params = new URLSearchParams(location.search);
+const PAGE = Math.min(500, Math.max(1, parseInt(params.get("limit"), 10) || 50));
+let offset = Math.max(0, parseInt(params.get("offset"), 10) || 0);
 
-function promptText(row) {
+function lastUserText(row) {
   if (Array.isArray(row.messages) && row.messages.length) {
     const users = row.messages.filter((m) => m.role === "user");
-    return (users.length ? users[users.length - 1] : row.messages[row.messages.length - 1]).content;
+    const m = users.length ? users[users.length - 1] : row.messages[row.messages.length - 1];
+    return typeof m.content === "string" ? m.content : JSON.stringify(m.content);
   }
   return row.prompt || "";
 }
 
-function feedbackText(row) {
-  const parts = [];
+function feedbackCell(row) {
+  const cell = el("td", { className: "feedback" });
+  const line = (className, text) => cell.append(el("div", { className, textContent: text }));
   if (row.rating !== null && row.rating !== undefined) {
-    parts.push(row.rating_scale === "stars" ? `${row.rating}/5 stars` : row.rating > 0 ? "▲ thumbs up" : "▼ thumbs down");
+    if (row.rating_scale === "stars") line("rating", `${"★".repeat(row.rating)}${"☆".repeat(5 - row.rating)}`);
+    else line(`rating ${row.rating > 0 ? "good" : "bad"}`, row.rating > 0 ? "▲ thumbs up" : "▼ thumbs down");
   }
-  if (row.preferred) parts.push(row.preferred === row.completion_id ? "preferred over the other answer" : "the other answer was preferred");
-  if (row.correction) parts.push(`correction: ${row.correction}`);
-  if (row.comment) parts.push(`comment: ${row.comment}`);
-  return parts.join("\n");
+  if (row.preferred) {
+    line("preference", row.preferred === row.completion_id ? "✓ preferred over" : "✗ rejected for");
+    line("muted mono", row.preferred === row.completion_id ? row.rejected : row.preferred);
+  }
+  if (row.correction) {
+    cell.append(el("div", { className: "label", textContent: "correction" }), el("div", { className: "clip correction-text", textContent: row.correction }));
+  }
+  if (row.comment) {
+    cell.append(el("div", { className: "label", textContent: "comment" }), el("div", { className: "clip", textContent: row.comment }));
+  }
+  return cell;
+}
+
+function historyRow(row) {
+  const when = new Date(row.created * 1000);
+  const clip = (text) => el("div", { className: "clip", textContent: text || "" });
+  const prompt = el("td", {}, clip(lastUserText(row)));
+  if (row.prompt) {
+    prompt.append(el("details", {}, el("summary", { textContent: "full prompt" }), el("pre", { textContent: row.prompt })));
+  }
+  return el("tr", { className: "feedback-row", dataset: { completionId: row.completion_id || "" } },
+    el("td", { textContent: String(row.id) }),
+    el("td", { className: "nowrap", textContent: when.toLocaleString(), title: when.toISOString() }),
+    el("td", {}, el("div", { textContent: row.model || "" }), el("div", { className: "muted mono", textContent: row.completion_id })),
+    el("td", { textContent: row.user || "" }),
+    prompt,
+    el("td", {}, clip(row.choice_text)),
+    feedbackCell(row));
 }
 
 async function loadHistory() {
-  const response = await fetch(`/v1/feedback?limit=${PAGE}&offset=${offset}`, { headers: headers() });
   const summary = $("#summary");
-  if (!response.ok) {
-    summary.textContent = await errorText(response);
+  const body = $("#history tbody");
+  try {
+    const { data, total } = await (await api(`/v1/feedback?limit=${PAGE}&offset=${offset}`)).json();
+    summary.className = "muted";
+    summary.textContent = total
+      ? `${total} feedback row${total === 1 ? "" : "s"}; showing ${data.length ? offset + 1 : 0}–${offset + data.length}, newest first`
+      : "No feedback yet: rate an answer in the chat.";
+    body.replaceChildren(...data.map(historyRow));
+    $("#newer").disabled = offset === 0;
+    $("#older").disabled = offset + data.length >= total;
+    $("#page").textContent = total ? `page ${Math.floor(offset / PAGE) + 1} of ${Math.max(1, Math.ceil(total / PAGE))}` : "";
+    const url = new URL(location.href);
+    if (offset) url.searchParams.set("offset", String(offset));
+    else url.searchParams.delete("offset");
+    history.replaceState(null, "", url);
+  } catch (e) {
+    summary.textContent = e.message;
     summary.className = "error";
-    return;
+    body.replaceChildren();
   }
-  const { data, total } = await response.json();
-  summary.textContent = `${total} feedback rows; showing ${total ? offset + 1 : 0}–${offset + data.length}`;
-  const clip = (text) => el("div", { className: "clip", textContent: text || "" });
-  $("#history tbody").replaceChildren(...data.map((row) => el("tr", { className: "feedback-row" },
-    el("td", { textContent: row.id }),
-    el("td", { textContent: new Date(row.created * 1000).toLocaleString() }),
-    el("td", { textContent: row.user || "" }),
-    el("td", {}, clip(promptText(row))),
-    el("td", {}, clip(row.choice_text)),
-    el("td", {}, clip(feedbackText(row))))));
-  $("#newer").disabled = offset === 0;
-  $("#older").disabled = offset + data.length >= total;
 }
 
-if ($("#history")) {
+function initHistory() {
   $("#newer").onclick = () => { offset = Math.max(0, offset - PAGE); loadHistory(); };
   $("#older").onclick = () => { offset += PAGE; loadHistory(); };
+  $("#refresh").onclick = loadHistory;
+  const key = $("#api-key");
+  key.value = localStorage.getItem(KEY_STORE) || "";
+  key.onchange = () => {
+    const v = key.value.trim();
+    if (v) localStorage.setItem(KEY_STORE, v);
+    else localStorage.removeItem(KEY_STORE);
+    loadHistory();
+  };
   loadHistory();
 }
+
+if ($("#composer")) initChat();
+if ($("#history")) initHistory();
