@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 
 
-def make_model(folder: Path) -> Path:
+def make_model(folder: Path, preset: str = "10m") -> Path:
+    """A random model of `preset` with a tokenizer trained on the bundled text (also used by bench/loop.py)."""
     import genlab
     from genlab.codecs.text import train_tokenizer
     from genlab.data.corpus import python_docs_corpus
 
     tok = train_tokenizer(texts=python_docs_corpus()[:1500], vocab_size=4096, out_dir=folder / "tok")
-    genlab.build("10m", tok, seed=0).save(folder / "model")
+    genlab.build(preset, tok, seed=0).save(folder / "model")
     return folder / "model"
 
 

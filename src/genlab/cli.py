@@ -533,6 +533,8 @@ def serve(
     slots: Annotated[int, typer.Option(help="Requests decoded together at most.")] = 16,
     max_queue: Annotated[int, typer.Option(help="Waiting requests beyond which the server answers 503.")] = 64,
     cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="Allow browser pages from this origin (repeatable; default: CORS off).")] = None,
+    registry: Annotated[Optional[Path], typer.Option(help="Version registry (genlab improve writes it): serve its promoted version and switch when it changes.")] = None,
+    reward_model: Annotated[Optional[Path], typer.Option(help="Reward model folder for best_of (default: the serving version's).")] = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
 ):
@@ -548,7 +550,7 @@ def serve(
     model = genlab.load(model_path, dtype=dtype, device=device, adapters=_adapters(adapter))
     config = ServeConfig(name=name, engine=engine, slots=slots, max_queue=max_queue, db=db, store=store,
                          embedder=embedder, api_keys=api_key or [], api_keys_file=api_keys_file,
-                         cors_origins=cors_origin or [])
+                         cors_origins=cors_origin or [], registry=registry, reward_model=reward_model)
     err.print(f"genlab: serving {escape(str(model_path))} on http://{host}:{port} (UI at /, API at /v1, feedback in {db})")
     run_server(model, config, host=host, port=port)
 

@@ -46,6 +46,9 @@ class ServeConfig:
     api_keys: list[str] = field(default_factory=list)
     api_keys_file: str | Path | None = None
     cors_origins: list[str] = field(default_factory=list)  # empty: CORS off
+    registry: str | Path | None = None  # version registry: serve its promoted version, hot-swap on change
+    poll_seconds: float = 1.0  # how often the registry is checked
+    reward_model: str | Path | None = None  # for best_of (default: the serving version's, if it has one)
     max_body_bytes: int = 1_000_000
     max_prompt_chars: int = 100_000
     default_max_tokens: int = 256
@@ -164,6 +167,7 @@ class Exchange:
     user: str | None
     job: Job
     version: str | None = None  # model and adapter version (content digests)
+    rewards: list[float] | None = None  # best_of: the reward model's scores, best first
     engine_request: EngineRequest | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -195,6 +199,16 @@ class Server:
 
         self.model, self.config = model, config
         self.name = config.name or (Path(model.path).name if model.path else "genlab")
+        self.registry, self.serving = None, None
+        if config.registry is not None:
+            from genlab.feedback.registry import Registry
+
+            if model.path is None:
+                raise InvalidParameterError("serving from a registry needs a model loaded from a folder")
+            self.registry = Registry(config.registry)
+            default = model.adapters.get(model.default_adapter) if model.default_adapter else None
+            current = self.registry.ensure_initial(model.path, adapter=default)
+            self._activate(current, lambda path, name: model.load_adapter(path, name, default=False))
         if config.engine == "batch":
             self.worker = Batcher(model, slots=config.slots, max_queue=config.max_queue)
         elif config.engine == "sequential":
@@ -222,6 +236,48 @@ class Server:
             self._embedder = self.retriever.embedder if self.retriever else Embedder(self.config.embedder)
         return self._embedder
 
+    def _activate(self, version: dict, load) -> None:
+        """Make a registry version the default for new requests (its adapter loaded as NAME:vN)."""
+        name = version["name"]
+        if version["adapter"] and name not in self.model.adapters:
+            load(version["adapter"], name)
+        self.model.default_adapter = name if version["adapter"] else None
+        self.serving = version
+        self._reward = None
+
+    async def follow_registry(self) -> None:
+        """Hot swap: poll the registry; a newly promoted (or rolled back) version serves the next
+        requests, while requests already running finish on the version they started with."""
+        while True:
+            await asyncio.sleep(self.config.poll_seconds)
+            try:
+                sid = await asyncio.to_thread(self.registry.serving_id)
+                if sid is None or sid == self.serving["id"]:
+                    continue
+                version = await asyncio.to_thread(self.registry.get, sid)
+
+                def load(path, name):  # on the engine thread, between decoding steps
+                    self.worker.load_adapter(path, name).result()
+
+                await asyncio.to_thread(self._activate, version, load)
+                if version["adapter"]:
+                    self.versions[version["name"]] = f"{self.versions[lora.BASE]}+{version['name']}@{folder_version(version['adapter'])}"
+                log.info("now serving %s (%s)", version["name"], version.get("note") or "")
+            except Exception:  # a broken registry must not take serving down
+                log.exception("registry check failed")
+
+    def reward_model(self):
+        """The reward model for best_of: --reward-model, else the serving version's."""
+        if getattr(self, "_reward", None) is None:
+            path = self.config.reward_model or ((self.serving or {}).get("data") or {}).get("reward_model")
+            if not path:
+                raise APIError(422, "best_of needs a reward model: start the server with --reward-model DIR, or "
+                                    "serve a registry version trained by genlab improve", "invalid_parameter", "best_of")
+            from genlab.train.prefer import RewardModel
+
+            self._reward = RewardModel(path)
+        return self._reward
+
     def model_ids(self) -> list[str]:
         names = [self.name] + [f"{self.name}:{a}" for a in self.model.adapters]
         if self.retriever is not None:
@@ -244,6 +300,8 @@ class Server:
     def close(self):
         self.worker.close()
         self.feedback.close()
+        if self.registry is not None:
+            self.registry.close()
 
 
 def folder_version(folder) -> str:
@@ -285,7 +343,10 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
+        watcher = asyncio.create_task(server.follow_registry()) if server.registry is not None else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         server.close()
 
     app = FastAPI(title="genlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -328,7 +389,8 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
     # --- models, health, embeddings --------------------------------------------------------------
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.name, "engine": config.engine, **server.worker.load}
+        version = server.serving["name"] if server.serving else None
+        return {"status": "ok", "model": server.name, "version": version, "engine": config.engine, **server.worker.load}
 
     @app.get("/v1/models")
     async def models(user=Depends(user_of)):
@@ -365,6 +427,8 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
             adapter = server.worker.resolve_adapter(adapter)
         except InvalidParameterError as e:
             raise APIError(404, str(e), "adapter_not_found", "adapter") from None
+        if (body.best_of or 1) > 1:
+            await asyncio.to_thread(server.reward_model)  # refuse before generating if there is none
         messages = body.chat() if endpoint == "chat" else None
         text = body.text() if endpoint == "completions" else None
         asked = (body.max_completion_tokens or body.max_tokens) if endpoint == "chat" else body.max_tokens
@@ -389,7 +453,7 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
             params = SamplingParams(max_new_tokens=asked or min(config.default_max_tokens, server.context - len(ids)),
                                     temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                                     repetition_penalty=body.repetition_penalty, stop=body.stop or [], seed=body.seed,
-                                    n=body.n, logprobs=logprobs, top_logprobs=top)
+                                    n=body.best_of or body.n, logprobs=logprobs, top_logprobs=top)
         except InvalidParameterError as e:
             raise as_api_error(e) from None
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
@@ -473,11 +537,31 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
         except asyncio.CancelledError:
             ex.engine_request.cancel()
             return Response(status_code=499)
+        shown = ex.params.n
+        if body_best_of(ex) > 1:
+            await asyncio.to_thread(rank_by_reward, ex)
+            shown = 1
         await finish(ex)
-        body = {**envelope(ex, False), "choices": [choice_body(ex, i) for i in range(ex.params.n)], "usage": ex.usage()}
+        body = {**envelope(ex, False), "choices": [choice_body(ex, i) for i in range(shown)], "usage": ex.usage()}
+        if shown < ex.params.n:
+            body["best_of"] = {"samples": ex.params.n, "rewards": ex.rewards}
         if ex.sources is not None:
             body["sources"] = ex.sources
         return body
+
+    def body_best_of(ex: Exchange) -> int:
+        return ex.body.get("best_of") or 1
+
+    def rank_by_reward(ex: Exchange) -> None:
+        """best_of: order the samples by the reward model's score; choice 0 is the one returned (and
+        the one feedback on this completion refers to); all samples are recorded."""
+        prompt = ex.messages if ex.messages is not None else ex.prompt
+        scores = server.reward_model().score([prompt] * ex.params.n, ex.job.texts)
+        order = sorted(range(ex.params.n), key=lambda i: -scores[i])
+        job = ex.job
+        job.texts, job.tokens, job.finish, job.logprobs = ([xs[i] for i in order] for xs in
+                                                          (job.texts, job.tokens, job.finish, job.logprobs))
+        ex.rewards = [scores[i] for i in order]
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"

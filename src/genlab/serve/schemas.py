@@ -43,6 +43,7 @@ class Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     rag: bool = False
     rag_k: int = Field(4, ge=1, le=20)
+    best_of: int | None = Field(None, ge=1, le=16)  # sample this many, return the one the reward model ranks first
     adapter: str | None = None
 
     @field_validator("stop")
@@ -60,6 +61,8 @@ class Sampling(BaseModel):
                 raise ValueError(f"{name} is not supported; use repetition_penalty")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
+        if self.best_of and self.best_of > 1 and (self.stream or self.n > 1):
+            raise ValueError("best_of returns one answer: it cannot be combined with stream or n > 1")
         return self
 
 
