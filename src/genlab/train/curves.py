@@ -26,7 +26,7 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 
-def plot_curves(records: list[dict], png: Path, title: str = "training") -> Path:
+def plot_curves(records: list[dict], png: Path, title: str = "training", ylabel: str = "cross-entropy (nats/token)") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +40,7 @@ def plot_curves(records: list[dict], png: Path, title: str = "training") -> Path
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
