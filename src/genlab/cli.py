@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,6 +28,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys for genlab serve (st
 app.add_typer(keys_app, name="keys")
 feedback_app = typer.Typer(no_args_is_help=True, help="Recorded feedback: list it, export training sets.")
 app.add_typer(feedback_app, name="feedback")
+reward_app = typer.Typer(no_args_is_help=True, help="Reward models trained on recorded preferences.")
+app.add_typer(reward_app, name="reward")
 out = Console()
 err = Console(stderr=True)
 
@@ -609,9 +612,128 @@ def feedback_list(
     out.print(table)
 
 
+RegistryDb = Annotated[Optional[Path], typer.Option("--registry", help="Version registry (default: registry.db beside --feedback).")]
+FeedbackFile = Annotated[Path, typer.Option("--feedback", help="Feedback database written by genlab serve.")]
+
+
+def _registry_path(registry: Optional[Path], feedback: Path) -> Path:
+    return registry or feedback.with_name("registry.db")
+
+
+@app.command()
+def improve(
+    model_path: Annotated[str, typer.Argument(help="Base model folder (the one genlab serve serves).")],
+    feedback: FeedbackFile = Path("genlab-feedback.db"),
+    registry: RegistryDb = None,
+    runs: Annotated[Path, typer.Option("--out", "-o", help="Runs folder (candidate adapter, reward model, report, gate.png).")] = Path("runs/improve"),
+    method: Annotated[Optional[str], typer.Option(help="dpo | kto | orpo (default: chosen from what the feedback holds).")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the training feedback.")] = 3.0,
+    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = 5e-4,
+    beta: Annotated[float, typer.Option(help="DPO/KTO beta (ORPO: odds-ratio weight).")] = 0.1,
+    heldout: Annotated[float, typer.Option(help="Fraction of prompts held out for the gate.")] = 0.25,
+    min_pref_accuracy: Annotated[float, typer.Option(help="Gate: held-out preference accuracy needed.")] = 0.6,
+    min_win_rate: Annotated[float, typer.Option(help="Gate: reward-model win rate needed.")] = 0.55,
+    max_ppl_increase: Annotated[float, typer.Option(help="Gate: largest relative rise of general perplexity.")] = 0.2,
+    no_promote: Annotated[bool, typer.Option("--no-promote", help="Evaluate only; never promote.")] = False,
+):
+    """Tune a candidate on recorded feedback (DPO/KTO/ORPO LoRA), gate it against the serving
+    version on held-out feedback, and promote it only if it wins.
+
+    Example: genlab improve my-model/ --feedback genlab-feedback.db
+    """
+    from genlab.feedback.loop import GateConfig
+    from genlab.feedback.loop import improve as run_improve
+    from genlab.train.prefer import PreferConfig
+
+    report = run_improve(model_path, _existing(feedback), _registry_path(registry, feedback), out_dir=runs, method=method,
+                         prefer=PreferConfig(epochs=epochs, lr=lr, beta=beta), heldout_fraction=heldout,
+                         gate=GateConfig(min_pref_accuracy=min_pref_accuracy, min_win_rate=min_win_rate,
+                                         max_ppl_increase=max_ppl_increase),
+                         promote=not no_promote, console=err)
+    table = Table("metric", "value", title=f"{report.version['name']}: {'promoted' if report.promoted else 'not promoted'}")
+    for key, value in report.metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+    out.print(f"report: {report.out_dir / 'report.json'}, {report.out_dir / 'gate.png'}")
+
+
+@reward_app.command("train")
+def reward_train(
+    model_path: Annotated[str, typer.Argument(help="Model folder the reward model starts from.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Reward model folder to write.")],
+    feedback: FeedbackFile = Path("genlab-feedback.db"),
+    epochs: Annotated[float, typer.Option(help="Passes over the preference pairs.")] = 3.0,
+):
+    """Fit a reward model (TRL RewardTrainer) on the preference pairs in the feedback database.
+
+    Example: genlab reward train my-model/ --feedback genlab-feedback.db --out runs/reward
+    """
+    from genlab.feedback.store import FeedbackStore
+    from genlab.train.prefer import train_reward_model
+
+    with FeedbackStore(_existing(feedback)) as store:
+        pairs = store.dataset("dpo")
+    if not pairs:
+        raise GenlabError(f"{feedback}: no preference pairs (A/B choices or corrections) to train on")
+    train_reward_model(model_path, pairs, out_dir, epochs=epochs, console=err)
+    err.print(f"reward model on {len(pairs)} pairs -> {escape(str(out_dir))}")
+
+
+def _version_table(rows: list[dict], serving: int | None) -> Table:
+    table = Table("version", "status", "method", "parent", "adapter", "created", "note")
+    for v in rows:
+        mark = " (serving)" if v["id"] == serving else ""
+        table.add_row(v["name"] + mark, v["status"], v.get("method") or "", str(v.get("parent") or ""),
+                      escape(str(v.get("adapter") or "(base)")), time.strftime("%Y-%m-%d %H:%M", time.localtime(v["created"])),
+                      escape((v.get("note") or "")[:80]))
+    return table
+
+
+@app.command()
+def versions(registry: Annotated[Path, typer.Option("--registry", help="Version registry.")] = Path("registry.db")):
+    """List model versions with their lineage and which one serves.
+
+    Example: genlab versions --registry registry.db
+    """
+    from genlab.feedback.registry import Registry
+
+    with Registry(_existing(registry)) as reg:
+        out.print(_version_table(reg.list(), reg.serving_id()))
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Version name (v3) or number.")],
+    registry: Annotated[Path, typer.Option("--registry", help="Version registry.")] = Path("registry.db"),
+    force: Annotated[bool, typer.Option("--force", help="Promote even a version the gate rejected.")] = False,
+):
+    """Serve VERSION from now on (a running server switches between requests).
+
+    Example: genlab promote v3 --registry registry.db
+    """
+    from genlab.feedback.registry import Registry
+
+    with Registry(_existing(registry)) as reg:
+        v = reg.promote(int(version) if version.isdigit() else version, note="promoted by hand", force=force)
+    err.print(f"serving {v['name']}")
+
+
+@app.command()
+def rollback(registry: Annotated[Path, typer.Option("--registry", help="Version registry.")] = Path("registry.db")):
+    """Go back to the version that served before the current one.
+
+    Example: genlab rollback --registry registry.db
+    """
+    from genlab.feedback.registry import Registry
+
+    with Registry(_existing(registry)) as reg:
+        v = reg.rollback()
+    err.print(f"serving {v['name']} again")
+
+
 def _existing(db: Path) -> Path:
     if not db.is_file():
-        raise GenlabError(f"{db}: no such feedback database (genlab serve --db writes it)")
+        raise GenlabError(f"{db}: no such database (genlab serve --db and genlab improve write them)")
     return db
 
 

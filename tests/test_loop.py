@@ -1,0 +1,99 @@
+"""The closed loop with simulated users: feedback over HTTP -> improve -> gate -> hot swap."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import httpx
+import pytest
+import torch
+
+import genlab
+from genlab.feedback.loop import GateConfig, improve, split_heldout
+from genlab.feedback.registry import Registry
+from genlab.feedback.simulate import SimulatedUser
+from genlab.serve.app import ServeConfig, background, create_app
+from genlab.train.prefer import PreferConfig
+from servers import tiny_model_folder
+
+PROMPTS = [f"Tell me about topic {i}." for i in range(200)]
+FRESH = [f"What do you know about subject {i}?" for i in range(40)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread (two contend on this 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tokenizer, tmp_path_factory):
+    return tiny_model_folder(tokenizer, tmp_path_factory.mktemp("loop") / "tiny")
+
+
+def answers(url: str, adapter: str, prompts: list[str]) -> list[str]:
+    out = []
+    for i, p in enumerate(prompts):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": 16, "temperature": 1.0,
+                "seed": 500 + i, "adapter": adapter}
+        out.append(httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"])
+    return out
+
+
+def test_improve_promotes_and_the_server_hot_swaps_and_rolls_back(folder, tmp_path):
+    """The loop's mechanics: feedback over HTTP -> improve -> promotion -> the running server serves
+    the new version to new requests -> rollback serves the old one again. (The gate bars are set to
+    zero here; whether a candidate *should* win is the next test's and bench/loop.py's subject.)"""
+    db, reg = tmp_path / "fb.db", tmp_path / "registry.db"
+    model = genlab.load(folder)
+    with background(create_app(model, ServeConfig(db=db, registry=reg, poll_seconds=0.1))) as url:
+        assert httpx.get(url + "/health").json()["version"] == "v1"
+        report = SimulatedUser(url, "tiny", "short", seed=3, max_tokens=16).session(PROMPTS[:40])
+        assert report.ab_choices >= 35 and report.corrections > 0
+        before = answers(url, None, FRESH[:4])
+        result = improve(folder, db, reg, out_dir=tmp_path / "runs", prefer=PreferConfig(epochs=2, lr=5e-3),
+                         gate=GateConfig(min_pref_accuracy=0.0, min_win_rate=0.0, max_ppl_increase=10.0))
+        assert result.promoted and result.version["name"] == "v2" and result.version["parent"] == 1
+        assert {"pref_accuracy", "reward_margin", "win_rate", "general_ppl_change"} <= set(result.metrics)
+        assert (result.out_dir / "gate.png").stat().st_size > 5000
+        report_json = json.loads((result.out_dir / "report.json").read_text())
+        assert report_json["promoted"] and report_json["method"] == "dpo"
+        deadline = time.time() + 20
+        while httpx.get(url + "/health").json()["version"] != "v2" and time.time() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(url + "/health").json()["version"] == "v2"  # hot swap, no restart
+        after = answers(url, None, FRESH[:4])
+        assert after == answers(url, "v2", FRESH[:4]) and after != before
+        with Registry(reg) as r:
+            assert [v["name"] for v in r.lineage("v2")] == ["v2", "v1"]
+            r.rollback()
+        while httpx.get(url + "/health").json()["version"] != "v1" and time.time() < deadline + 20:
+            time.sleep(0.1)
+        assert answers(url, None, FRESH[:4]) == before
+    with sqlite3.connect(db) as conn:  # the exchanges record which version answered
+        versions = {row[0] for row in conn.execute("SELECT adapter FROM completions")}
+    assert {"base", "v2"} <= versions
+
+
+def test_mislabelled_feedback_is_rejected_by_the_gate(folder, tmp_path):
+    db, reg = tmp_path / "fb.db", tmp_path / "registry.db"
+    model = genlab.load(folder)
+    with background(create_app(model, ServeConfig(db=db, registry=reg))) as url:
+        SimulatedUser(url, "tiny", "short", seed=4, max_tokens=16, mislabelled=True).session(PROMPTS[100:190])
+    result = improve(folder, db, reg, out_dir=tmp_path / "runs", prefer=PreferConfig(epochs=4, lr=1e-3))
+    assert not result.promoted and result.version["status"] == "rejected"
+    assert any("<" in reason for reason in result.reasons)  # a bar it did not clear, named in the report
+    with Registry(reg) as r:
+        assert r.current()["name"] == "v1"
+
+
+def test_split_heldout_keeps_every_prompt_on_one_side():
+    rows = [{"prompt": f"p{i % 200}", "chosen": str(i), "rejected": "x"} for i in range(600)]
+    train, held = split_heldout(rows, 0.25)
+    assert len(train) + len(held) == 600 and 0.15 < len(held) / 600 < 0.35
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
