@@ -20,6 +20,9 @@ import numpy as np
 from genlab.errors import GenlabError
 
 EXACT_MAX = 50_000
+PRUNE_MIN_CHUNKS = 20_000  # BM25 query pruning starts at this store size (below, every word is searched)
+COMMON_FRACTION = 0.05  # ... and then leaves out words found in more than this fraction of the chunks
+HNSW_EF_SEARCH = 256  # candidates HNSW keeps while searching (recall vs ~0.1 ms per query here)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files(path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, kind TEXT NOT NULL, title TEXT NOT NULL,
@@ -67,6 +70,7 @@ class Store:
         self.embedder_id = self.meta().get("embedder")
         self.dim = int(self.meta().get("dim", dim or 0))
         self._index = None
+        self._df, self._df_generation, self._count = {}, None, 0  # word -> matching chunks, per generation
 
     # --- metadata ------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
@@ -130,8 +134,13 @@ class Store:
         return [i for i in ids if i in keep]
 
     def bm25(self, query: str, k: int, where: str = "", args: list | None = None) -> list[tuple[int, float]]:
-        """(chunk id, BM25 score) of the best `k` FTS5 matches; any word may match (OR)."""
-        words = _words(query)
+        """(chunk id, BM25 score) of the best `k` FTS5 matches; any word may match (OR).
+
+        In a large store, words found in more than COMMON_FRACTION of the chunks are left out of
+        the OR query (the rarest three are kept if nothing else is left): their posting lists
+        are most of a query's cost, and their near-zero IDF hardly moves the ranking.
+        """
+        words = self.query_words(query)
         if not words:
             return []
         match = " OR ".join(f'"{w}"' for w in words)
@@ -139,6 +148,29 @@ class Store:
                + ("JOIN chunks ON chunks.id = chunks_fts.rowid " if where else "")
                + "WHERE chunks_fts MATCH ? " + (f"AND {where} " if where else "") + "ORDER BY bm25(chunks_fts) LIMIT ?")
         return [(int(i), float(s)) for i, s in self.db.execute(sql, [match, *(args or []), k])]
+
+    def query_words(self, query: str) -> list[str]:
+        words = _words(query)
+        n = self.count_cached()
+        if n < PRUNE_MIN_CHUNKS or len(words) <= 3:
+            return words
+        df = {w: self.doc_frequency(w) for w in words}
+        kept = [w for w in words if df[w] <= COMMON_FRACTION * n]
+        return kept or sorted(words, key=df.get)[:3]
+
+    def count_cached(self) -> int:
+        gen = self.generation
+        if self._df_generation != gen:  # the store changed: counts start over
+            self._df, self._df_generation, self._count = {}, gen, self.count()
+        return self._count
+
+    def doc_frequency(self, word: str) -> int:
+        """Chunks matching `word` (as FTS5 matches it: stemmed), counted once per store generation."""
+        self.count_cached()
+        if word not in self._df:
+            self._df[word] = self.db.execute("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?",
+                                             (f'"{word}"',)).fetchone()[0]
+        return self._df[word]
 
     # --- vectors -------------------------------------------------------------------------
     def vector_index(self):
@@ -153,6 +185,8 @@ class Store:
             info = json.loads(info_file.read_text())
             if info["generation"] == gen:
                 self._index = faiss.read_index(str(index_file))
+                if info.get("kind") == "hnsw":  # a store built by an older genlab keeps its own setting otherwise
+                    faiss.downcast_index(self._index.index).hnsw.efSearch = HNSW_EF_SEARCH
                 return self._index
         except (OSError, ValueError, KeyError, RuntimeError):
             pass  # missing, stale or unreadable: rebuild from SQLite
@@ -175,7 +209,7 @@ class Store:
             index, kind = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim)), "exact"
         else:
             hnsw = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
-            hnsw.hnsw.efConstruction, hnsw.hnsw.efSearch = 80, 128
+            hnsw.hnsw.efConstruction, hnsw.hnsw.efSearch = 80, HNSW_EF_SEARCH
             index, kind = faiss.IndexIDMap2(hnsw), "hnsw"
         if len(rows):
             index.add_with_ids(vectors, ids)
