@@ -534,6 +534,7 @@ def serve(
     api_keys_file: Annotated[Optional[Path], typer.Option(help="Keys file from genlab keys create (hashed keys).")] = None,
     engine: Annotated[str, typer.Option(help="batch (continuous batching) | sequential (transformers generate per request).")] = "batch",
     slots: Annotated[int, typer.Option(help="Requests decoded together at most.")] = 16,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for decoding (default: all cores but one; one is left to HTTP).")] = None,
     max_queue: Annotated[int, typer.Option(help="Waiting requests beyond which the server answers 503.")] = 64,
     cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="Allow browser pages from this origin (repeatable; default: CORS off).")] = None,
     registry: Annotated[Optional[Path], typer.Option(help="Version registry (genlab improve writes it): serve its promoted version and switch when it changes.")] = None,
@@ -551,7 +552,8 @@ def serve(
     from genlab.serve.app import serve as run_server
 
     model = genlab.load(model_path, dtype=dtype, device=device, adapters=_adapters(adapter))
-    config = ServeConfig(name=name, engine=engine, slots=slots, max_queue=max_queue, db=db, store=store,
+    threads = threads or max(1, (os.cpu_count() or 2) - 1)
+    config = ServeConfig(name=name, engine=engine, slots=slots, max_queue=max_queue, threads=threads, db=db, store=store,
                          embedder=embedder, api_keys=api_key or [], api_keys_file=api_keys_file,
                          cors_origins=cors_origin or [], registry=registry, reward_model=reward_model)
     err.print(f"genlab: serving {escape(str(model_path))} on http://{host}:{port} (UI at /, API at /v1, feedback in {db})")

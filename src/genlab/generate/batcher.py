@@ -96,7 +96,12 @@ class Batcher:
     """The engine thread and its batch. `submit()` from any thread; events come back through
     each request's `emit`."""
 
-    def __init__(self, model, slots: int = 16, max_queue: int = 64, max_len: int | None = None):
+    def __init__(self, model, slots: int = 16, max_queue: int = 64, max_len: int | None = None,
+                 threads: int | None = None):
+        """`threads`: torch threads for decoding on CPU (torch's setting is process-wide, so the
+        default leaves it alone; `genlab serve` passes all cores but one, leaving one to the HTTP
+        side: measured on 2 cores, 1 thread decodes 2x faster at batch 1 and 10-15% faster at
+        batch 16-64 than 2 when decoding runs outside the main thread)."""
         if not isinstance(model.base, Transformer):
             raise InvalidParameterError("continuous batching runs genlab transformers; serve this model with "
                                         "engine='sequential'")
@@ -117,6 +122,7 @@ class Batcher:
         self.adapter_scope = contextlib.ExitStack()
         self.steps = self.row_steps = 0  # decoding steps and rows decoded (mean batch = ratio)
         self.running = True
+        self.threads = threads
         self.thread = threading.Thread(target=self._loop, name="genlab-batcher", daemon=True)
         self.thread.start()
 
@@ -166,6 +172,8 @@ class Batcher:
 
     # --- engine thread -------------------------------------------------------------------------
     def _loop(self):
+        if self.threads and self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
         while True:
             with self.wake:
                 while self.running and not self.rows and not self.waiting and not self.calls:
@@ -250,9 +258,12 @@ class Batcher:
         lengths = torch.tensor([r.length for r in self.rows], device=self.device)
         self.key_valid[torch.arange(n, device=self.device), lengths] = True
         kv_len = int(lengths.max()) + 1
-        mask = additive(self.key_valid[:n, None, None, :kv_len], self.dtype)
         pos = lengths[:, None]
-        logits = self.model.module(tokens[:, None], pos, self.cache.rows(0, n), pos, kv_len, mask)
+        if n == 1:  # one row: its keys are exactly the first kv_len slots, no mask or per-row writes needed
+            mask, cache_pos = None, lengths
+        else:
+            mask, cache_pos = additive(self.key_valid[:n, None, None, :kv_len], self.dtype), pos
+        logits = self.model.module(tokens[:, None], pos, self.cache.rows(0, n), cache_pos, kv_len, mask)
         for r in self.rows:
             r.length += 1
         self.steps += 1

@@ -17,7 +17,7 @@ from genlab.model import adapters as lora
 
 
 class SequentialWorker:
-    def __init__(self, model, max_queue: int = 64, hf_module=None):
+    def __init__(self, model, max_queue: int = 64, hf_module=None, threads: int | None = None):
         """`hf_module`: the transformers model to run (default: `model.module` if it is one,
         else transformers' own class loaded from the genlab folder)."""
         import transformers
@@ -34,7 +34,7 @@ class SequentialWorker:
         self.model, self.hf = model, hf_module
         cfg = lora.base_module(hf_module).config
         self.max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
-        self.max_queue = max_queue
+        self.max_queue, self.threads = max_queue, threads
         self.waiting: queue.Queue[Request | None] = queue.Queue()
         self.busy = 0
         self.thread = threading.Thread(target=self._loop, name="genlab-sequential", daemon=True)
@@ -80,6 +80,8 @@ class SequentialWorker:
         self.thread.join(timeout=10)
 
     def _loop(self):
+        if self.threads and next(self.hf.parameters()).device.type == "cpu":  # as Batcher
+            torch.set_num_threads(self.threads)
         while (req := self.waiting.get()) is not None:
             if isinstance(req, tuple):
                 _run_into(*req)

@@ -40,6 +40,7 @@ class ServeConfig:
     engine: str = "batch"  # "batch" (continuous batching) or "sequential" (transformers' generate per request)
     slots: int = 16  # rows of the running batch
     max_queue: int = 64  # waiting requests beyond which the server answers 503
+    threads: int | None = None  # torch CPU threads for decoding (None: leave torch's setting; process-wide)
     db: str | Path = "genlab-feedback.db"
     store: str | Path | None = None  # RAG store (genlab index)
     embedder: str | None = None  # sentence-transformers folder for /v1/embeddings without a store
@@ -210,9 +211,9 @@ class Server:
             current = self.registry.ensure_initial(model.path, adapter=default)
             self._activate(current, lambda path, name: model.load_adapter(path, name, default=False))
         if config.engine == "batch":
-            self.worker = Batcher(model, slots=config.slots, max_queue=config.max_queue)
+            self.worker = Batcher(model, slots=config.slots, max_queue=config.max_queue, threads=config.threads)
         elif config.engine == "sequential":
-            self.worker = SequentialWorker(model, max_queue=config.max_queue)
+            self.worker = SequentialWorker(model, max_queue=config.max_queue, threads=config.threads)
         else:
             raise InvalidParameterError(f"unknown engine {config.engine!r}; use 'batch' or 'sequential'")
         self.context = self.worker.max_len
