@@ -72,7 +72,10 @@ def run(model_dir: Path, root: Path, taste: str, exchanges: int, mislabelled: bo
             for i, p in enumerate(fresh):
                 body = {"model": "m", "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens,
                         "temperature": 1.0, "seed": 10_000 + i, "adapter": adapter}
-                outs.append(user.http.post(url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"])
+                r = user.http.post(url + "/v1/chat/completions", json=body)
+                if r.status_code != 200:
+                    raise SystemExit(f"{adapter}: HTTP {r.status_code}: {r.text[:500]}")
+                outs.append(r.json()["choices"][0]["message"]["content"])
             answers[adapter] = outs
         wins, decided = win_rate(taste, answers[result.version["name"]], answers["base"])
     return {"preference": taste, "mislabelled": mislabelled, "ab_choices": report.ab_choices, "ratings": report.ratings,

@@ -262,7 +262,8 @@ def serve_tour(out: Path, model_dir: Path, summary: dict):
 
         single, eight = load(1), load(8)
         console.print(f"continuous batching: 1 client {single:,.0f} tok/s, 8 concurrent clients {eight:,.0f} tok/s "
-                      f"aggregate ({eight / single:.1f}x)")
+                      f"aggregate ({eight / single:.1f}x; clients and server share this process and its GIL, and a "
+                      f"1.3M model is mostly Python overhead: bench/serve.py measures a separate server)")
         a = client.chat.completions.create(model="quickstart", messages=question, max_tokens=24, temperature=1.0, seed=1)
         b = client.chat.completions.create(model="quickstart", messages=question, max_tokens=24, temperature=1.0, seed=2)
         for body in ({"completion_id": a.id, "rating": 1}, {"completion_id": b.id, "rating": -1},

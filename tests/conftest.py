@@ -64,3 +64,13 @@ def hf_folder(tmp_path, tokenizer):
         return folder, model
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train fastest on one thread: on 2 shared cores two intra-op threads contend
+    (with each other and other processes) and run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

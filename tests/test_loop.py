@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 import genlab
 from genlab.feedback.loop import GateConfig, improve, split_heldout
@@ -22,13 +21,7 @@ PROMPTS = [f"Tell me about topic {i}." for i in range(200)]
 FRESH = [f"What do you know about subject {i}?" for i in range(40)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (two contend on this 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

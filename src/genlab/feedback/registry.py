@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from genlab.errors import DataError, InvalidParameterError
+from genlab.sqlitedb import SqliteFile
 
 SCHEMA_VERSION = 1
 STATUSES = ("candidate", "promoted", "rejected", "retired")
@@ -55,27 +54,9 @@ def _folder(path: str | Path, what: str) -> Path:
     return p.resolve()
 
 
-class Registry:
+class Registry(SqliteFile):
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        try:  # isolation_level=None: we issue BEGIN IMMEDIATE ourselves
-            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
-        except sqlite3.Error as e:
-            raise DataError(f"{self.path}: cannot open the version registry ({e})") from None
-        try:
-            self._conn.execute("PRAGMA busy_timeout=5000")
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            self._conn.close()
-            raise DataError(f"{self.path}: not a readable version registry ({e})") from None
-        except BaseException:
-            self._conn.close()
-            raise
+        super().__init__(path, "version registry")
 
     def _migrate(self) -> None:
         with self._tx() as conn:
@@ -93,41 +74,14 @@ class Registry:
                     conn.execute(stmt)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.commit()
-            except BaseException:
-                self._conn.rollback()
-                raise
-
-    def _query(self, sql: str, args: tuple = ()) -> list[dict]:
-        with self._lock:
-            return self._fetch(self._conn, sql, args)
-
     @staticmethod
     def _fetch(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[dict]:
-        cur = conn.execute(sql, args)
-        rows = [{d[0]: v for d, v in zip(cur.description, r)} for r in cur.fetchall()]
+        rows = SqliteFile._fetch(conn, sql, args)
         for r in rows:
             for key in ("data", "metrics"):
                 if r.get(key) is not None:
                     r[key] = json.loads(r[key])
         return rows
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from genlab.errors import DataError, InvalidParameterError
 from genlab.fsutil import atomic_write_text
+from genlab.sqlitedb import SqliteFile
 
 SCHEMA_VERSION = 1
 KINDS = ("dpo", "kto", "sft")
@@ -130,25 +129,9 @@ def _verdict(rating: int, scale: str) -> bool | None:
     return True if rating >= 4 else False if rating <= 2 else None
 
 
-class FeedbackStore:
+class FeedbackStore(SqliteFile):
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so DDL and reads share the transaction
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
-        try:
-            self._conn.execute("PRAGMA busy_timeout=5000")
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            self._conn.close()
-            raise DataError(f"{self.path}: not a readable feedback database ({e})") from None
-        except BaseException:
-            self._conn.close()
-            raise
+        super().__init__(path, "feedback database")
 
     def _migrate(self) -> None:
         with self._tx() as conn:
@@ -160,33 +143,6 @@ class FeedbackStore:
                 for stmt in SCHEMA:
                     conn.execute(stmt)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.commit()
-            except BaseException:
-                self._conn.rollback()
-                raise
-
-    def _query(self, sql: str, args: tuple = ()) -> list[dict]:
-        with self._lock:
-            cur = self._conn.execute(sql, args)
-            return [_row(cur, r) for r in cur.fetchall()]
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> FeedbackStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- writing ---------------------------------------------------------------------------
 
