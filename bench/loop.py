@@ -48,7 +48,8 @@ def run(model_dir: Path, root: Path, taste: str, exchanges: int, mislabelled: bo
     root.mkdir(parents=True, exist_ok=True)
     model = genlab.load(model_dir)
     config = ServeConfig(name="m", db=root / "feedback.db", registry=root / "registry.db", poll_seconds=0.2)
-    with background(create_app(model, config)) as url:
+    app = create_app(model, config)
+    with background(app) as url:
         user = SimulatedUser(url, "m", taste, seed=1, max_tokens=max_tokens, mislabelled=mislabelled)
         t0 = time.perf_counter()
         report = user.session(prompts(exchanges))
@@ -65,6 +66,8 @@ def run(model_dir: Path, root: Path, taste: str, exchanges: int, mislabelled: bo
             while httpx.get(url + "/health").json()["version"] != result.version["name"]:
                 time.sleep(0.05)
             served_s = time.perf_counter() - t0
+        if not result.promoted:  # judge the rejected candidate too: load its adapter by hand
+            app.state.server.worker.load_adapter(result.version["adapter"], result.version["name"]).result()
         fresh = prompts(eval_prompts, offset=100_000)  # never seen in feedback
         answers = {}
         for adapter in ("base", result.version["name"]):

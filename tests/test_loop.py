@@ -60,6 +60,7 @@ def test_improve_promotes_and_the_server_hot_swaps_and_rolls_back(folder, tmp_pa
         while httpx.get(url + "/health").json()["version"] != "v2" and time.time() < deadline:
             time.sleep(0.1)
         assert httpx.get(url + "/health").json()["version"] == "v2"  # hot swap, no restart
+        assert answers(url, "base", FRESH[:4]) == before  # asked first: the batch that ran before the swap was "base"
         after = answers(url, None, FRESH[:4])
         assert after == answers(url, "v2", FRESH[:4]) and after != before
         with Registry(reg) as r:

@@ -158,7 +158,14 @@ class Batcher:
 
     def load_adapter(self, path, name: str) -> Future:
         """Add an adapter while serving (loaded between steps; in-flight rows are untouched)."""
-        return self.call(lambda: self.model.load_adapter(path, name, default=False))
+
+        def load():
+            self.model.load_adapter(path, name, default=False)
+            if self.group is not None:  # the module changed: re-enter the running batch's adapter on it
+                self._switch(self.group)
+            return name
+
+        return self.call(load)
 
     @property
     def load(self) -> dict:
