@@ -91,3 +91,25 @@ def test_split_heldout_keeps_every_prompt_on_one_side():
     train, held = split_heldout(rows, 0.25)
     assert len(train) + len(held) == 600 and 0.15 < len(held) / 600 < 0.35
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+
+
+def test_improve_every_runs_in_the_background_and_never_blocks_serving(folder, tmp_path):
+    """--improve-every N: a background `genlab improve` after N feedback rows; serving goes on
+    meanwhile; a candidate that loses the gate leaves the serving version untouched."""
+    db = tmp_path / "fb.db"
+    model = genlab.load(folder)
+    app = create_app(model, ServeConfig(db=db, improve_every=60, poll_seconds=0.2,
+                                        improve_args=["--epochs", "1", "--min-pref-accuracy", "1.01"]))
+    server = app.state.server
+    with background(app) as url:
+        SimulatedUser(url, "tiny", "short", seed=5, max_tokens=12).session(PROMPTS[:25])
+        assert server.improver is not None and server.improved_at >= 60
+        t0 = time.time()
+        assert answers(url, None, FRESH[:2])  # served while the improve process runs
+        assert time.time() - t0 < 20
+        assert server.improver.wait(timeout=300) == 0
+        with Registry(tmp_path / "registry.db") as r:
+            versions = r.list()
+            assert [v["status"] for v in versions] == ["promoted", "rejected"]  # impossible bar: rejected
+            assert r.current()["name"] == "v1"
+        assert httpx.get(url + "/health").json()["version"] == "v1"

@@ -539,6 +539,7 @@ def serve(
     cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="Allow browser pages from this origin (repeatable; default: CORS off).")] = None,
     registry: Annotated[Optional[Path], typer.Option(help="Version registry (genlab improve writes it): serve its promoted version and switch when it changes.")] = None,
     reward_model: Annotated[Optional[Path], typer.Option(help="Reward model folder for best_of (default: the serving version's).")] = None,
+    improve_every: Annotated[Optional[int], typer.Option(help="Run genlab improve in the background after every N new feedback rows (promotes only winners).")] = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
 ):
@@ -555,7 +556,8 @@ def serve(
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
     config = ServeConfig(name=name, engine=engine, slots=slots, max_queue=max_queue, threads=threads, db=db, store=store,
                          embedder=embedder, api_keys=api_key or [], api_keys_file=api_keys_file,
-                         cors_origins=cors_origin or [], registry=registry, reward_model=reward_model)
+                         cors_origins=cors_origin or [], registry=registry, reward_model=reward_model,
+                         improve_every=improve_every)
     err.print(f"genlab: serving {escape(str(model_path))} on http://{host}:{port} (UI at /, API at /v1, feedback in {db})")
     run_server(model, config, host=host, port=port)
 

@@ -48,6 +48,8 @@ class ServeConfig:
     api_keys_file: str | Path | None = None
     cors_origins: list[str] = field(default_factory=list)  # empty: CORS off
     registry: str | Path | None = None  # version registry: serve its promoted version, hot-swap on change
+    improve_every: int | None = None  # run `genlab improve` in a background process after every N new feedback rows
+    improve_args: list[str] = field(default_factory=list)  # extra `genlab improve` options for those runs
     poll_seconds: float = 1.0  # how often the registry is checked
     reward_model: str | Path | None = None  # for best_of (default: the serving version's, if it has one)
     max_body_bytes: int = 1_000_000
@@ -201,6 +203,9 @@ class Server:
         self.model, self.config = model, config
         self.name = config.name or (Path(model.path).name if model.path else "genlab")
         self.registry, self.serving = None, None
+        self.improver, self.improved_at = None, None  # the background improve process; feedback count it started at
+        if config.improve_every and config.registry is None:  # the loop needs a registry: default beside the db
+            config.registry = Path(config.db).with_name("registry.db")
         if config.registry is not None:
             from genlab.feedback.registry import Registry
 
@@ -266,6 +271,29 @@ class Server:
                 log.info("now serving %s (%s)", version["name"], version.get("note") or "")
             except Exception:  # a broken registry must not take serving down
                 log.exception("registry check failed")
+
+    def maybe_improve(self) -> None:
+        """After every `improve_every` new feedback rows, start `genlab improve` in its own process
+        (never blocking serving; a failed or losing run leaves the serving version as it is)."""
+        import subprocess
+        import sys
+
+        if not self.config.improve_every or (self.improver is not None and self.improver.poll() is None):
+            return
+        count = self.feedback.count_feedback()
+        if self.improved_at is None:
+            self.improved_at = 0
+        if count - self.improved_at < self.config.improve_every:
+            return
+        self.improved_at = count
+        runs = Path(self.config.db).with_name("improve-runs")
+        runs.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "genlab.cli", "improve", str(self.model.path), "--feedback", str(self.config.db),
+               "--registry", str(self.config.registry), "--out", str(runs), *self.config.improve_args]
+        log_file = open(runs / f"improve-{int(time.time())}.log", "w")  # noqa: SIM115 - handed to the child
+        self.improver = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        log.info("feedback rows: %d; started genlab improve (pid %d)", count, self.improver.pid)
 
     def reward_model(self):
         """The reward model for best_of: --reward-model, else the serving version's."""
@@ -627,6 +655,8 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
             row = await asyncio.to_thread(server.feedback.add_feedback, body.completion_id, user=user or body.user, **fields)
         except (LookupError, InvalidParameterError) as e:
             raise as_api_error(e) from None
+        if config.improve_every:
+            await asyncio.to_thread(server.maybe_improve)
         return {"object": "feedback", **row}
 
     @app.get("/v1/feedback")
