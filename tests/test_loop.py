@@ -113,3 +113,28 @@ def test_improve_every_runs_in_the_background_and_never_blocks_serving(folder, t
             assert [v["status"] for v in versions] == ["promoted", "rejected"]  # impossible bar: rejected
             assert r.current()["name"] == "v1"
         assert httpx.get(url + "/health").json()["version"] == "v1"
+
+
+def test_best_of_returns_the_reward_models_favourite(folder, tmp_path):
+    from genlab.train.prefer import RewardModel, train_reward_model
+
+    pairs = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": "short"}],
+              "rejected": [{"role": "assistant", "content": "a much longer and rambling answer " * 2}]} for i in range(16)]
+    reward = train_reward_model(folder, pairs, tmp_path / "reward", epochs=1)
+    model = genlab.load(folder)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me"}], "max_tokens": 12,
+            "temperature": 1.0, "seed": 3, "best_of": 4}
+    with background(create_app(model, ServeConfig(db=tmp_path / "none.db"))) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 422 and "reward model" in r.json()["error"]["message"]
+    with background(create_app(model, ServeConfig(db=tmp_path / "fb.db", reward_model=reward))) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert len(r["choices"]) == 1 and r["best_of"]["samples"] == 4
+        rewards = r["best_of"]["rewards"]
+        assert rewards == sorted(rewards, reverse=True)
+        assert httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}).status_code == 422
+    with sqlite3.connect(tmp_path / "fb.db") as conn:
+        texts = [t for (t,) in conn.execute("SELECT text FROM choices WHERE completion_id = ? ORDER BY idx", (r["id"],))]
+    assert len(texts) == 4 and texts[0] == r["choices"][0]["message"]["content"]
+    scores = RewardModel(reward).score([body["messages"]] * 4, texts)
+    assert max(scores) == pytest.approx(scores[0], abs=1e-4)  # the returned answer is the best-scored sample

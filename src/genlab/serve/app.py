@@ -487,7 +487,7 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
             raise as_api_error(e) from None
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         ex = Exchange(new_completion_id(prefix), endpoint, body.model, adapter, body.model_dump(exclude_none=True),
-                      messages, prompt, ids, params, sources, user or body.user, Job(body.n), server.versions.get(adapter))
+                      messages, prompt, ids, params, sources, user or body.user, Job(params.n), server.versions.get(adapter))
         json_object = bool(body.response_format and body.response_format.type == "json_object")
         try:
             ex.engine_request = server.worker.submit(EngineRequest(ids, params, ex.job.emit, adapter, json_object))
