@@ -138,3 +138,22 @@ def test_best_of_returns_the_reward_models_favourite(folder, tmp_path):
     assert len(texts) == 4 and texts[0] == r["choices"][0]["message"]["content"]
     scores = RewardModel(reward).score([body["messages"]] * 4, texts)
     assert max(scores) == pytest.approx(scores[0], abs=1e-4)  # the returned answer is the best-scored sample
+
+
+def test_ratings_only_feedback_trains_kto(folder, tmp_path):
+    """No A/B pairs, only thumbs: improve picks KTO by itself (and gates it like any candidate)."""
+    from genlab.feedback.store import ChoiceRecord, CompletionRecord, FeedbackStore
+
+    db = tmp_path / "fb.db"
+    with FeedbackStore(db) as store:
+        for i in range(48):
+            messages = [{"role": "user", "content": f"Question {i}?"}]
+            good = i % 2 == 0
+            store.record(CompletionRecord(id=f"c{i}", endpoint="chat", model="tiny", prompt=f"q{i}", messages=messages,
+                                          choices=[ChoiceRecord(0, "yes." if good else "no no no no no no", "stop", 3)]))
+            store.add_feedback(f"c{i}", rating=1 if good else -1)
+    result = improve(folder, db, tmp_path / "registry.db", out_dir=tmp_path / "runs",
+                     prefer=PreferConfig(epochs=2, lr=5e-3, batch_size=4))
+    assert result.method == "kto" and result.metrics["heldout_rated"] > 0
+    assert "pref_accuracy" in result.metrics and "win_rate" not in result.metrics  # no pairs: no reward model
+    assert result.version["status"] in ("promoted", "rejected") and result.reasons
