@@ -157,3 +157,25 @@ def test_ratings_only_feedback_trains_kto(folder, tmp_path):
     assert result.method == "kto" and result.metrics["heldout_rated"] > 0
     assert "pref_accuracy" in result.metrics and "win_rate" not in result.metrics  # no pairs: no reward model
     assert result.version["status"] in ("promoted", "rejected") and result.reasons
+
+
+def test_promoted_version_wins_for_the_simulated_user(folder, tmp_path):
+    """The proof: a user who prefers answers with numbers leaves 200 A/B choices (+ thumbs and
+    corrections) over HTTP; improve promotes a candidate through the default gate; on fresh prompts
+    the promoted version wins >= 70% of the comparisons the user's own preference decides."""
+    from genlab.feedback.simulate import win_rate
+
+    db, reg = tmp_path / "fb.db", tmp_path / "registry.db"
+    model = genlab.load(folder)
+    fresh = [f"What do you know about subject {i}?" for i in range(60)]
+    with background(create_app(model, ServeConfig(db=db, registry=reg, poll_seconds=0.1))) as url:
+        report = SimulatedUser(url, "tiny", "numbers", seed=3, max_tokens=16).session(
+            [f"Tell me about topic {i}." for i in range(200)])
+        assert report.ab_choices >= 120
+        result = improve(folder, db, reg, out_dir=tmp_path / "runs", prefer=PreferConfig(epochs=8, lr=2e-2))
+        assert result.promoted, result.reasons
+        deadline = time.time() + 20
+        while httpx.get(url + "/health").json()["version"] != "v2" and time.time() < deadline:
+            time.sleep(0.1)
+        rate, decided = win_rate("numbers", answers(url, "v2", fresh), answers(url, "base", fresh))
+    assert decided >= 30 and rate >= 0.7, (rate, decided)
