@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import os
 import subprocess
 import sys
 import textwrap
@@ -274,3 +275,24 @@ def test_two_processes_poll_and_write_concurrently(tmp_path, folders):
         assert r.serving_id() == last and seen <= {v["id"] for v in versions}
         assert len(r.history()) == 17  # v1, v2 and the child's 15 promotions
         assert [v["data"]["child"] for v in r.lineage(last)[:-2]] == list(range(14, -1, -1))
+
+
+def test_versions_promote_rollback_commands(tmp_path):
+    for name in ("base", "a2"):
+        (tmp_path / name).mkdir()
+    db = tmp_path / "registry.db"
+    with Registry(db) as r:
+        r.ensure_initial(tmp_path / "base")
+        r.register(tmp_path / "base", tmp_path / "a2", parent=1, method="dpo", note="gate: won")
+
+    def genlab(*args):
+        return subprocess.run([sys.executable, "-m", "genlab.cli", *map(str, args), "--registry", db],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
+
+    assert "serving v2" in genlab("promote", "v2").stderr
+    listed = genlab("versions")
+    rows = {line.split("│")[1].strip(): line for line in listed.stdout.splitlines() if line.startswith("│")}
+    assert listed.returncode == 0 and "yes" in rows["v2"] and "promoted" in rows["v2"] and "yes" not in rows["v1"]
+    assert "serving v1 again" in genlab("rollback").stderr
+    failed = genlab("rollback")
+    assert failed.returncode == 2 and "nothing to roll back to" in failed.stderr

@@ -684,10 +684,10 @@ def reward_train(
 
 
 def _version_table(rows: list[dict], serving: int | None) -> Table:
-    table = Table("version", "status", "method", "parent", "adapter", "created", "note")
+    table = Table("version", "serving", "status", "method", "parent", "adapter", "created", "note")
     for v in rows:
-        mark = " (serving)" if v["id"] == serving else ""
-        table.add_row(v["name"] + mark, v["status"], v.get("method") or "", str(v.get("parent") or ""),
+        table.add_row(v["name"], "yes" if v["id"] == serving else "", v["status"], v.get("method") or "",
+                      str(v.get("parent") or ""),
                       escape(str(v.get("adapter") or "(base)")), time.strftime("%Y-%m-%d %H:%M", time.localtime(v["created"])),
                       escape((v.get("note") or "")[:80]))
     return table
