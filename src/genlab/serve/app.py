@@ -203,6 +203,7 @@ class Server:
         self.model, self.config = model, config
         self.name = config.name or (Path(model.path).name if model.path else "genlab")
         self.registry, self.serving = None, None
+        self._reward = None  # best_of's reward model, loaded on first use
         self.improver, self.improved_at = None, None  # the background improve process; feedback count it started at
         if config.improve_every and config.registry is None:  # the loop needs a registry: default beside the db
             config.registry = Path(config.db).with_name("registry.db")
@@ -297,7 +298,7 @@ class Server:
 
     def reward_model(self):
         """The reward model for best_of: --reward-model, else the serving version's."""
-        if getattr(self, "_reward", None) is None:
+        if self._reward is None:
             path = self.config.reward_model or ((self.serving or {}).get("data") or {}).get("reward_model")
             if not path:
                 raise APIError(422, "best_of needs a reward model: start the server with --reward-model DIR, or "

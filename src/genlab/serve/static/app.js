@@ -416,15 +416,20 @@ async function compare() {
   setBusy(false);
 }
 
-function initChat() {
+// The API key field (both pages): kept in localStorage; a change reloads what the page shows.
+function bindApiKey(reload) {
   const key = $("#api-key");
   key.value = localStorage.getItem(KEY_STORE) || "";
   key.onchange = () => {
     const v = key.value.trim();
     if (v) localStorage.setItem(KEY_STORE, v);
     else localStorage.removeItem(KEY_STORE);
-    loadModels();
+    reload();
   };
+}
+
+function initChat() {
+  bindApiKey(loadModels);
   $("#model").onchange = () => localStorage.setItem(MODEL_STORE, $("#model").value);
   $("#composer").onsubmit = (e) => {
     e.preventDefault();
@@ -530,14 +535,7 @@ function initHistory() {
   $("#newer").onclick = () => { offset = Math.max(0, offset - PAGE); loadHistory(); };
   $("#older").onclick = () => { offset += PAGE; loadHistory(); };
   $("#refresh").onclick = loadHistory;
-  const key = $("#api-key");
-  key.value = localStorage.getItem(KEY_STORE) || "";
-  key.onchange = () => {
-    const v = key.value.trim();
-    if (v) localStorage.setItem(KEY_STORE, v);
-    else localStorage.removeItem(KEY_STORE);
-    loadHistory();
-  };
+  bindApiKey(loadHistory);
   loadHistory();
 }
 
