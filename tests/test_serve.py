@@ -162,9 +162,16 @@ def test_client_disconnect_cancels_generation(server, monkeypatch):
         time.sleep(0.02)
         step()
 
+    # A seeded request is reproducible: pick a seed whose 200 tokens contain no end-of-sequence
+    # token (an unseeded random model may stop early and legitimately finish before the hang-up).
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 200, "temperature": 1.0, "stop": ["\u0000never"]}
+    for seed in range(20):
+        done = httpx.post(server[0] + "/v1/chat/completions", json={**body, "seed": seed}, timeout=60).json()
+        if done["choices"][0]["finish_reason"] == "length":
+            break
+    assert done["choices"][0]["finish_reason"] == "length"
     monkeypatch.setattr(batcher, "_step", slow_step)
-    body = {"model": "tiny", "messages": CHAT, "max_tokens": 200, "temperature": 1.0, "stream": True,
-            "stop": ["\u0000never"]}
+    body = {**body, "seed": seed, "stream": True}
     with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         first = [next(lines) for _ in range(6)]
