@@ -52,3 +52,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_figure(fig, png: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp{png.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, png)
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return png

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from genlab.errors import InvalidParameterError
-from genlab.fsutil import write_json
+from genlab.fsutil import save_figure, write_json
 
 
 @dataclass
@@ -160,9 +160,7 @@ def plot_gate(metrics: dict, gate: GateConfig, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.set_xlim(0, max(1.3, *(b[1] * 1.15 for b in bars)))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def improve(model_dir, feedback_db, registry_db=None, out_dir="runs/improve", method: str | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from genlab.fsutil import atomic_write_text
+from genlab.fsutil import atomic_write_text, save_figure
 
 
 class MetricsLog:
@@ -45,8 +45,4 @@ def plot_curves(records: list[dict], png: Path, title: str = "training", ylabel:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return save_figure(fig, png)
