@@ -9,6 +9,7 @@ Token ids: 0 = padding, 1 = end of series, 2 = missing value, then the bins in i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from genlab.errors import DataError, InvalidParameterError
 
 PAD, EOS, MISSING = 0, 1, 2
 SPECIAL = 3
+CODEC_FILE = "series_codec.json"
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,27 @@ class SeriesCodec:
     def centers(self) -> np.ndarray:
         return self.low + self.width * (np.arange(self.bins) + 0.5)
 
+    # the ids a model folder's config.json records (Hugging Face's tokenizer attributes)
+    bos_token_id = None
+    eos_token_id = EOS
+    pad_token_id = PAD
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
     def to_dict(self) -> dict:
-        return {"kind": "series", **asdict(self)}
+        return {"type": "series", **asdict(self)}
 
     @classmethod
     def from_dict(cls, spec: dict) -> "SeriesCodec":
-        return cls(**{k: v for k, v in spec.items() if k != "kind"})
+        return cls(**{k: v for k, v in spec.items() if k not in ("type", "kind")})
+
+    def save_pretrained(self, folder) -> None:
+        """Model folders keep their codec beside the weights (the text tokenizer's counterpart);
+        genlab.json names it too, which is what `genlab.model.io.load` reads."""
+        from genlab.fsutil import write_json
+
+        write_json(Path(folder) / CODEC_FILE, self.to_dict())
 
     @staticmethod
     def scale_of(values) -> float:

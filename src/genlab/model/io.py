@@ -195,19 +195,33 @@ def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str =
         module, native = load_native(folder, config_from_hf(hf), dtype, device), True
     except UnsupportedArchitectureError:
         module, native = load_transformers(folder, dtype, device), False
-    from genlab.codecs.text import load_tokenizer
-
     gen_file = folder / "generation_config.json"
     meta_file = folder / "genlab.json"
+    meta = read_json(meta_file) if meta_file.exists() else {}
     return LoadedModel(
         module=module,
-        tokenizer=load_tokenizer(folder),
+        tokenizer=load_codec(folder, meta),
         path=folder,
         native=native,
-        meta=read_json(meta_file) if meta_file.exists() else {},
+        meta=meta,
         generation=read_json(gen_file) if gen_file.exists() else {},
         hf_config=hf,
     )
+
+
+def load_codec(folder: Path, meta: dict):
+    """The folder's token codec: a text tokenizer, or the series codec genlab.json names."""
+    spec = meta.get("codec") or {"type": "text"}
+    if spec.get("type") == "series":
+        from genlab.codecs.series import SeriesCodec
+
+        try:
+            return SeriesCodec.from_dict(spec)
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{folder / 'genlab.json'}: invalid series codec {spec!r} ({e})") from None
+    from genlab.codecs.text import load_tokenizer
+
+    return load_tokenizer(folder)
 
 
 def save(path: str | Path, module: torch.nn.Module, tokenizer, meta: dict | None = None, generation: dict | None = None,
