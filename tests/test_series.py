@@ -45,7 +45,7 @@ def test_pretrained_folder_holds_the_series_codec(series_model):
     loaded = io.load(series_model.output_dir)
     assert isinstance(loaded.tokenizer, SeriesCodec) and loaded.tokenizer.bins == 256
     assert loaded.module.config.vocab_size == loaded.tokenizer.vocab_size == 259
-    assert loaded.meta["series"] == {"context_length": 48, "prediction_length": 16}
+    assert loaded.meta["series"] == {"context_length": 48, "prediction_length": 16, "center": False}
     hf = json.loads((series_model.output_dir / "config.json").read_text())
     assert hf["vocab_size"] == 259 and hf["architectures"] == ["LlamaForCausalLM"]  # a plain HF folder
     assert (series_model.out / "loss.png").exists() and (series_model.out / "metrics.jsonl").exists()
@@ -63,8 +63,11 @@ def test_sampled_paths_quantiles_and_seeds(series_model):
     fc = summarise(paths)
     assert (np.diff(fc.quantiles, axis=0) >= 0).all() and fc.quantiles.shape == (9, 10)
     # every value is a bin centre at the context's scale, inside the codec's range
-    scale = SeriesCodec.scale_of(context[-model.context_length:])
-    assert np.abs(paths).max() <= 15 * scale
+    recent = context[-model.context_length:]
+    assert not model.center and np.abs(paths).max() <= 15 * SeriesCodec.scale_of(recent)
+    centred = SeriesModel(model.module, model.codec, model.context_length, center=True, num_samples=40)
+    around = centred.sample(context, 10)  # (the tiny model was trained uncentred: only the arithmetic is checked)
+    assert np.abs(around - recent.mean()).max() <= 15 * SeriesCodec.scale_of(recent - recent.mean())
     # missing values in the context are model inputs, not errors
     gappy = context.copy()
     gappy[60:70] = np.nan
@@ -94,14 +97,18 @@ def test_finetuning_on_a_series_beats_the_base_model_on_it(series_model, tmp_pat
     values = 20 + np.tile(pattern, 60) + rng.normal(0, 0.2, 420)
     history, future = values[:400], values[400:]
     run = finetune_series(model=str(series_model.output_dir), out=str(tmp_path / "ft"), series={"zigzag": history},
-                          max_steps=60, lr=3e-3, eval_every=30, log_every=10)
+                          max_steps=60, lr=3e-3, eval_every=30, log_every=10, synthetic=0, mixup=0)
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").exists()
     assert run.result.val_loss < run.val_loss_before
     base = SeriesModel.load(series_model.output_dir, num_samples=30, seed=0)
     tuned = SeriesModel.load(run.output_dir, num_samples=30, seed=0)  # an adapter folder: base found from it
     assert tuned.name == "genlab-finetuned"
     errors = [mase(future, m([history], 20)[0].median, history, 7) for m in (base, tuned)]
-    assert errors[1] < errors[0], errors
+    assert errors[1] < 0.7 * errors[0], errors
+    # replay (the default): pretraining-style windows are mixed in, one per generated series
+    replayed = finetune_series(model=str(series_model.output_dir), out=str(tmp_path / "ft2"),
+                               series={"zigzag": history}, max_steps=2, synthetic=40, mixup=20)
+    assert replayed.data["windows"] == run.data["windows"] + 60
 
 
 def test_a_text_model_is_not_a_series_model(tmp_path, tokenizer):
@@ -142,3 +149,33 @@ def test_cli_forecast_generate_and_bad_input(series_model, tmp_path):
     assert r.returncode == 2 and "line 3" in r.stderr and "temp" in r.stderr
     r = genlab("series", "forecast", tmp_path / "nowhere", "--data", csv, "--column", "temp", "--horizon", "3")
     assert r.returncode == 2 and "nowhere" in r.stderr
+
+
+def test_cli_eval_on_user_series_and_short_or_constant_input(series_model, tmp_path):
+    dates = pd.date_range("2000-01-01", periods=150, freq="MS")
+    csv = tmp_path / "plant.csv"
+    pd.DataFrame({"month": dates, "load": seasonal(150), "flat": 5.0}).to_csv(csv, index=False)
+    out = tmp_path / "eval"
+    r = genlab("series", "eval", series_model.output_dir, "--series", "none", "--data", csv, "--column", "load",
+               "--windows", "2", "--samples", "20", "--no-finetune", "--no-arima", "--out", out)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "backtest.json").read_text())
+    models = {row["model"] for row in report["rows"]}
+    assert models == {"seasonal-naive", "ets", "genlab-zero-shot"}
+    assert all(row["windows"] == 2 and row["series"] == "plant:load" for row in report["rows"])
+    # a monthly series with a clean period-12 cycle: seasonal naive is hard to beat, and the scores are real numbers
+    assert all(np.isfinite(row["mase"]) and np.isfinite(row["wql"]) for row in report["rows"])
+    assert (out / "relative.png").exists() and (out / "backtest.csv").exists()
+
+    r = genlab("series", "forecast", series_model.output_dir, "--data", csv, "--column", "flat", "--horizon", "6",
+               "--samples", "20", "--out", tmp_path / "flat.csv")
+    assert r.returncode == 0, r.stderr
+    assert "constant" in r.stderr  # noted, and still forecast
+    flat = pd.read_csv(tmp_path / "flat.csv")
+    assert flat["median"].between(4, 6).all()
+
+    short = tmp_path / "short.csv"
+    pd.DataFrame({"month": dates[:30], "load": seasonal(30)}).to_csv(short, index=False)
+    r = genlab("series", "eval", series_model.output_dir, "--series", "none", "--data", short, "--no-finetune",
+               "--out", tmp_path / "eval2")
+    assert r.returncode == 2 and "30 values" in r.stderr and "load" in r.stderr

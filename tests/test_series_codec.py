@@ -87,6 +87,8 @@ def test_kernel_synth_and_ts_mixup_are_seeded_and_shaped():
     a, b = kernel_synth(6, length=128, seed=1), kernel_synth(6, length=128, seed=1)
     assert a.shape == (6, 128) and np.isfinite(a).all() and np.array_equal(a, b)
     assert not np.array_equal(a, kernel_synth(6, length=128, seed=2))
+    many = kernel_synth(520, length=16, seed=1, workers=1)  # three seeded chunks
+    assert np.array_equal(many, kernel_synth(520, length=16, seed=1, workers=2))  # whatever the worker count
     assert np.std(a, axis=1).min() > 0  # every sample varies
     real = bundled_series()
     assert {"co2", "elnino", "sunspots", "realgdp"} <= set(real) and all(np.isfinite(s).all() for s in real.values())

@@ -9,6 +9,8 @@ statsmodels), so the model also sees real-world shapes.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from genlab.errors import InvalidParameterError
@@ -26,11 +28,34 @@ def kernel_bank(length: int) -> list:
     return bank
 
 
-def kernel_synth(n: int, length: int = 256, max_kernels: int = 5, seed: int = 0) -> np.ndarray:
+CHUNK = 250  # series per independently seeded chunk: the result never depends on the worker count
+
+
+def kernel_synth(n: int, length: int = 256, max_kernels: int = 5, seed: int = 0, workers: int | None = None) -> np.ndarray:
     """`n` series of `length` values [n, length], each a GP-prior sample under a random
-    composition of up to `max_kernels` bank kernels."""
+    composition of up to `max_kernels` bank kernels. Chunks of CHUNK series are seeded by
+    (seed, chunk) and drawn in `workers` processes (default: one per core, up to the chunks)."""
     if n < 1 or length < 8 or max_kernels < 1:
         raise InvalidParameterError("kernel_synth needs n >= 1, length >= 8 and max_kernels >= 1")
+    jobs = [(min(CHUNK, n - start), length, max_kernels, (seed, start // CHUNK)) for start in range(0, n, CHUNK)]
+    workers = min(len(jobs), workers or os.cpu_count() or 1)
+    if workers == 1:
+        return np.concatenate([_kernel_synth_chunk(*job) for job in jobs])
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        return np.concatenate(list(pool.map(_kernel_synth_chunk, *zip(*jobs))))
+
+
+def _one_thread() -> None:
+    """Worker processes run one BLAS thread each (many workers x many threads thrash the cores)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def _kernel_synth_chunk(n: int, length: int, max_kernels: int, seed) -> np.ndarray:
     rng = np.random.default_rng(seed)
     bank = kernel_bank(length)
     t = np.linspace(0, 1, length)[:, None]

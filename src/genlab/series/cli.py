@@ -24,6 +24,7 @@ Samples = Annotated[int, typer.Option("--samples", "-s", help="Sampled paths per
 AdapterDir = Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder of a series fine-tune.")]
 SeriesSeed = Annotated[int, typer.Option("--seed", help="Same seed -> same paths.")]
 SeriesDevice = Annotated[str, typer.Option("--device", help="cpu | cuda.")]
+SeriesModelArg = Annotated[str, typer.Argument(help="Series model folder (or a series fine-tune's adapter folder).")]
 
 
 def _one_series(path: Path, column: str | None, timestamp: str | None):
@@ -55,6 +56,7 @@ def series_pretrain(
     bins: Annotated[Optional[int], typer.Option(help="Quantisation bins (vocabulary = bins + 3).")] = None,
     synthetic: Annotated[Optional[int], typer.Option(help="KernelSynth series to generate.")] = None,
     mixup: Annotated[Optional[int], typer.Option(help="TSMixup windows of the bundled statsmodels series.")] = None,
+    center: Annotated[Optional[bool], typer.Option("--center/--no-center", help="Subtract the context mean before mean scaling (--no-center: Chronos' pure mean scaling).")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="Extra CSV / Parquet series files (repeatable).")] = None,
     column: Columns = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Values per training window (context + prediction).")] = None,
@@ -78,7 +80,7 @@ def series_pretrain(
     """
     from genlab.series.train import pretrain_series
 
-    overrides = _train_overrides(out=out_dir, preset=preset, bins=bins, synthetic=synthetic, mixup=mixup,
+    overrides = _train_overrides(out=out_dir, preset=preset, bins=bins, synthetic=synthetic, mixup=mixup, center=center,
                                  data=[str(p) for p in data] if data else None, columns=column or None,
                                  seq_len=seq_len, prediction_length=prediction_length, batch_size=batch_size,
                                  max_steps=max_steps, max_minutes=max_minutes, lr=lr, warmup_steps=warmup_steps,
@@ -90,7 +92,7 @@ def series_pretrain(
 
 @series_app.command("forecast")
 def series_forecast(
-    model: Annotated[str, typer.Argument(help="Series model folder (or a series fine-tune's adapter folder).")],
+    model: SeriesModelArg,
     data: Data,
     horizon: Annotated[int, typer.Option("--horizon", "-H", help="Steps to forecast.")],
     column: Column = None,
@@ -136,7 +138,7 @@ def series_forecast(
 
 @series_app.command("generate")
 def series_generate(
-    model: Annotated[str, typer.Argument(help="Series model folder (or a series fine-tune's adapter folder).")],
+    model: SeriesModelArg,
     data: Data,
     length: Annotated[int, typer.Option("--length", "-l", help="Values to generate per series.")],
     column: Column = None,
@@ -215,7 +217,7 @@ def series_eval(
     windows: Annotated[int, typer.Option(help="Rolling-origin windows per series.")] = 3,
     samples: Samples = 100,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="Also evaluate a per-series fine-tune.")] = True,
-    finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per series.")] = 150,
+    finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per series.")] = 100,
     arima: Annotated[bool, typer.Option("--arima/--no-arima", help="Include the ARIMA baseline.")] = True,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for backtest.json/.csv and relative.png.")] = Path("runs/series-eval"),
     seed: SeriesSeed = 0,

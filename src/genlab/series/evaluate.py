@@ -32,7 +32,7 @@ class Finetuned:
 
     model: str
     work: Path
-    steps: int = 150
+    steps: int = 100
     full: bool = False
     num_samples: int = 100
     seed: int = 0
@@ -57,7 +57,7 @@ class Finetuned:
 
 def evaluate_series(model: str | Path, series: dict[str, Series] | None = None, out: str | Path = "runs/series-eval",
                     horizon: int | None = None, windows: int = 3, num_samples: int = 100, finetune: bool = True,
-                    finetune_steps: int = 150, full: bool = False, arima: bool = True, seed: int = 0,
+                    finetune_steps: int = 100, full: bool = False, arima: bool = True, seed: int = 0,
                     device: str = "cpu", console: Console | None = None) -> BacktestResult:
     """Backtest every forecaster on `series` (default: the bundled set); writes backtest.json,
     backtest.csv and relative.png to `out` and returns the result."""
@@ -75,3 +75,13 @@ def evaluate_series(model: str | Path, series: dict[str, Series] | None = None, 
     result.to_csv(out / "backtest.csv")
     result.plot(out / "relative.png")
     return result
+
+
+def wins(result: BacktestResult, model: str, against: str, metric: str = "mase") -> tuple[int, int]:
+    """(series where `model`'s error is below `against`'s, series where both were scored)."""
+    scores: dict[str, dict[str, float]] = {}
+    for row in result.rows:
+        scores.setdefault(row["series"], {})[row["model"]] = row[metric]
+    pairs = [(s[model], s[against]) for s in scores.values() if model in s and against in s
+             and np.isfinite(s[model]) and np.isfinite(s[against])]
+    return sum(a < b for a, b in pairs), len(pairs)

@@ -1,9 +1,11 @@
 """A series model at work: sample many future paths with the KV cache, summarise them as a
 probabilistic forecast (mean, median, quantiles), or generate synthetic continuations.
 
-Every path is one row of a batch: the context is encoded once (scale = mean |value| of the
-context), prefilled for all rows, then each step samples one value token per row. Paths longer
-than the model's window slide it: the newest tokens are prefilled again and decoding goes on.
+Every path is one row of a batch: the context is encoded once (minus its mean for centred
+models, then scaled by its mean absolute value), prefilled for all rows, then each step samples
+one value token per row (top-k 50 at temperature 1 by default, as Chronos samples). Paths
+longer than the model's window slide it: the newest tokens are prefilled again and decoding
+goes on.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ class SeriesModel:
     """A forecaster over a series model folder (optionally with a LoRA adapter)."""
 
     def __init__(self, module: torch.nn.Module, codec: SeriesCodec, context_length: int, name: str = "genlab",
-                 num_samples: int = 100, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
-                 device: str = "cpu"):
+                 num_samples: int = 100, temperature: float = 1.0, top_k: int = 50, seed: int = 0,
+                 device: str = "cpu", center: bool = False):
         if num_samples < 1 or temperature <= 0 or top_k < 0:
             raise InvalidParameterError("num_samples must be >= 1, temperature > 0 and top_k >= 0")
         self.module, self.codec, self.name = module.eval(), codec, name
         self.config = adapters.base_module(module).config
         self.context_length = min(context_length, self.config.max_seq_len - 1)
         self.num_samples, self.temperature, self.top_k, self.seed = num_samples, temperature, top_k, seed
+        self.center = center  # subtract the context's mean before scaling (as the model was trained)
         self.device = torch.device(device)
 
     @classmethod
@@ -53,10 +56,10 @@ class SeriesModel:
         if adapter is not None:
             module = adapters.load_adapter(module, adapter, "series")
             module.set_adapter("series")
-        context = loaded.meta.get("series", {}).get("context_length", module.config.max_seq_len // 2
-                                                     if hasattr(module, "config") else 128)
+        trained = loaded.meta.get("series", {})
         kw.setdefault("name", "genlab" + ("-finetuned" if adapter is not None else ""))
-        return cls(module, loaded.tokenizer, context, device=device, **kw)
+        return cls(module, loaded.tokenizer, trained.get("context_length", loaded.module.config.max_seq_len // 2),
+                   device=device, center=trained.get("center", False), **kw)
 
     # --- sampling --------------------------------------------------------------------------
     def _forward(self, ids, start: int, cache: KVCache):
@@ -99,19 +102,22 @@ class SeriesModel:
             steps -= n
         return torch.cat(out, dim=1).cpu().numpy()
 
-    def context_tokens(self, context) -> tuple[np.ndarray, float]:
+    def context_tokens(self, context) -> tuple[np.ndarray, float, float]:
+        """(token ids, loc, scale) of the newest `context_length` values."""
         x = np.asarray(context, dtype=np.float64)[-self.context_length:]
         if x.size == 0 or not np.isfinite(x).any():
             raise DataError("the forecast context has no observed values")
-        return self.codec.encode(x)
+        loc = float(np.nanmean(x)) if self.center else 0.0
+        ids, scale = self.codec.encode(x - loc)
+        return ids, loc, scale
 
     def sample(self, context, horizon: int, num_samples: int | None = None, seed: int | None = None) -> np.ndarray:
         """[num_samples, horizon] sampled future values after `context` (NaN = missing)."""
         if horizon < 1:
             raise InvalidParameterError("horizon must be >= 1")
-        ids, scale = self.context_tokens(context)
+        ids, loc, scale = self.context_tokens(context)
         paths = self.sample_tokens(ids, horizon, num_samples or self.num_samples, self.seed if seed is None else seed)
-        return self.codec.decode(paths.ravel(), scale).reshape(paths.shape)
+        return self.codec.decode(paths.ravel(), scale).reshape(paths.shape) + loc
 
     def __call__(self, contexts: list[np.ndarray], horizon: int) -> list[Forecast]:
         """The backtest's forecaster interface: one probabilistic forecast per context."""

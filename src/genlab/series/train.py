@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from genlab.codecs.series import MISSING, SeriesCodec
+from genlab.codecs.series import MISSING, SPECIAL, SeriesCodec
 from genlab.data.synth_series import bundled_series, kernel_synth, ts_mixup
 from genlab.errors import DataError, InvalidParameterError
 from genlab.fsutil import write_json
@@ -51,6 +51,14 @@ class SeriesTrainConfig(TrainConfig):
     mixup: int = 1500  # TSMixup windows of the bundled statsmodels series
     holdout_fraction: float = 0.2  # the end of every bundled series, never trained on
     missing_rate: float = 0.05  # share of windows given a run of missing values
+    max_window_fraction: float = 1.0  # a training window covers at most this share of its series
+    smooth_init: bool = True  # bin embeddings start as a smooth function of the bin's value
+    # Subtract the context's mean before the codec's mean-absolute scaling. Pure mean scaling
+    # (Chronos, the default) keeps zeros exact but leaves a series with a high level and small
+    # swings (CO2 at 370 ppm moving by a few ppm) in two or three bins; centred, the swings span
+    # the bins. Measured on the bundled backtests at 600 CPU steps, centring scored worse
+    # (relative MASE 0.63 vs 0.57), CO2 included, so it is an option, not the default.
+    center: bool = False
     columns: list[str] | None = None  # columns of the `data` files (default: every numeric one)
     timestamp: str | None = None  # timestamp column of the `data` files (default: detected)
     lr: float = 2e-3
@@ -82,11 +90,15 @@ class SeriesFinetuneConfig(SeriesTrainConfig):
     lora_alpha: float = 32
     lora_dropout: float = 0.0
     out: str = "runs/series-finetune"
-    synthetic: int = 0
-    mixup: int = 0
+    # replay against forgetting: pretraining-style series mixed in, one window each (measured on
+    # the bundled backtests: without it, fine-tuning on one short trending series overfits badly)
+    synthetic: int = 300
+    mixup: int = 150
+    max_window_fraction: float = 0.75
     windows: int = 0  # training windows drawn from the user's series (0: enough to cover each ~8 times)
     lr: float = 0.0  # 0: 1e-3 for LoRA, 3e-4 for full fine-tuning
-    max_steps: int = 150
+    max_steps: int = 100
+    batch_size: int = 8
     warmup_steps: int = 10
     weight_decay: float = 0.0
     val_fraction: float = 0.1
@@ -112,18 +124,22 @@ class SeriesRunResult:
 
 def window_examples(series: list[np.ndarray], codec: SeriesCodec, seq_len: int, prediction_length: int,
                     per_series: int, rng: np.random.Generator, missing_rate: float = 0.0,
-                    full_share: float = 0.7) -> list[tuple[np.ndarray, np.ndarray]]:
+                    full_share: float = 0.7, max_fraction: float = 1.0,
+                    center: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """Token examples (ids, loss mask): `per_series` random windows of each series, most of them
-    `seq_len` values long (the rest shorter), scaled by their context part."""
+    as long as allowed (the rest shorter), scaled by their context part (after subtracting the
+    context's mean when `center`: see SeriesTrainConfig.center). A window is at most
+    `seq_len` values and `max_fraction` of its series (so a short series still gives windows
+    that start at different places, instead of itself over and over)."""
     out = []
     for s in series:
         s = np.asarray(s, dtype=np.float64)
         n = len(s)
         if n < MIN_WINDOW:
             continue
+        longest = max(MIN_WINDOW, min(seq_len, int(n * max_fraction)))
         for _ in range(per_series):
-            length = seq_len if rng.random() < full_share else int(rng.integers(MIN_WINDOW, seq_len + 1))
-            length = min(length, n)
+            length = longest if rng.random() < full_share else int(rng.integers(MIN_WINDOW, longest + 1))
             start = int(rng.integers(0, n - length + 1))
             x = s[start:start + length].copy()
             if missing_rate and rng.random() < missing_rate:
@@ -133,9 +149,27 @@ def window_examples(series: list[np.ndarray], codec: SeriesCodec, seq_len: int, 
             context = x[: length - min(prediction_length, length // 4)]
             if not np.isfinite(context).any():
                 continue
-            ids, _ = codec.encode(x, codec.scale_of(context))
+            loc = float(np.nanmean(context)) if center else 0.0
+            ids, _ = codec.encode(x - loc, codec.scale_of(context - loc))
             out.append((ids, ids != MISSING))
     return out
+
+
+def smooth_value_embeddings(module: Transformer, codec: SeriesCodec, seed: int, std: float = 0.02) -> None:
+    """Start each bin's embedding as random Fourier features of its value (frequencies spread
+    log-uniformly from coarse to finer than a bin), so neighbouring bins start alike and what the
+    model learns about one value carries over to its neighbours; with tied embeddings the output
+    head starts smooth too. The special tokens keep their random rows."""
+    emb = module.model.embed_tokens.weight
+    d = emb.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    freqs = torch.exp(torch.empty(d // 2).uniform_(np.log(0.1), np.log(4 / codec.width), generator=g))
+    phases = torch.rand(d // 2, generator=g) * 2 * np.pi
+    x = torch.as_tensor(codec.centers, dtype=torch.float32)[:, None] * freqs + phases
+    features = torch.cat([x.sin(), x.cos()], dim=1)[:, :d] * (std * np.sqrt(2))
+    mixing = torch.linalg.qr(torch.randn(d, d, generator=g))[0]  # a random rotation: no axis is special
+    with torch.no_grad():
+        emb[SPECIAL:SPECIAL + codec.bins] = (features @ mixing).to(emb.dtype)
 
 
 def _split(examples: list, val_fraction: float, rng: np.random.Generator) -> tuple[list, list]:
@@ -189,10 +223,15 @@ def _key(*items) -> str:
     return h.hexdigest()[:16]
 
 
-def _datasets(series: list[np.ndarray], cfg: SeriesTrainConfig, per_series: int):
+def _datasets(series: list[np.ndarray], cfg: SeriesTrainConfig, per_series: int, replay: list[np.ndarray] = ()):
+    """Packed train / validation rows: `per_series` windows of each series, plus one window of
+    each `replay` series (pretraining data mixed into a fine-tune against forgetting)."""
     rng = np.random.default_rng(cfg.seed)
     codec = cfg.codec()
-    examples = window_examples(series, codec, cfg.seq_len, cfg.prediction_length, per_series, rng, cfg.missing_rate)
+    examples = window_examples(series, codec, cfg.seq_len, cfg.prediction_length, per_series, rng, cfg.missing_rate,
+                               max_fraction=cfg.max_window_fraction, center=cfg.center)
+    examples += window_examples(list(replay), codec, cfg.seq_len, cfg.prediction_length, 1, rng, cfg.missing_rate,
+                                center=cfg.center)
     train, val = _split(examples, cfg.val_fraction, rng)
     # an example of n values gives n - 1 next-value predictions: rows hold seq_len - 1 of them
     return PackedExamples(train, cfg.seq_len - 1), PackedExamples(val, cfg.seq_len - 1), len(examples)
@@ -200,7 +239,7 @@ def _datasets(series: list[np.ndarray], cfg: SeriesTrainConfig, per_series: int)
 
 def _series_meta(cfg: SeriesTrainConfig, codec: SeriesCodec) -> dict:
     return {"codec": codec.to_dict(), "series": {"context_length": cfg.seq_len - cfg.prediction_length,
-                                                 "prediction_length": cfg.prediction_length}}
+                                                 "prediction_length": cfg.prediction_length, "center": cfg.center}}
 
 
 def pretrain_series(config: SeriesTrainConfig | None = None, config_file: str | Path | None = None, resume: bool = False,
@@ -214,9 +253,11 @@ def pretrain_series(config: SeriesTrainConfig | None = None, config_file: str | 
     info.update(windows=n, train_rows=len(train), val_rows=len(val), key=_key(*series[:50], len(series), cfg.to_dict()))
     codec = cfg.codec()
     base = preset(cfg.preset)
-    model_cfg = replace(base, vocab_size=codec.vocab_size, max_seq_len=max(base.max_seq_len, cfg.seq_len))
+    model_cfg = replace(base, vocab_size=codec.vocab_size, max_seq_len=cfg.seq_len)  # no untrained positions
     torch.manual_seed(cfg.seed)
     module = Transformer(model_cfg).init_weights(cfg.seed)
+    if cfg.smooth_init:
+        smooth_value_embeddings(module, codec, cfg.seed)
     log(f"series model {cfg.preset}: {module.num_params() / 1e6:.2f}M parameters, {codec.bins} bins; "
         f"{len(series):,} series -> {n:,} windows of <= {cfg.seq_len} values; {d.world} process(es) on {d.device}")
     fingerprint = {"model": model_cfg.to_dict(), "seq_len": cfg.seq_len, "data": info["key"], "seed": cfg.seed,
@@ -256,11 +297,15 @@ def finetune_series(config: SeriesFinetuneConfig | None = None, config_file: str
     data = {**_file_series(cfg, log), **{k: np.asarray(v, dtype=np.float64) for k, v in (series or {}).items()}}
     if not data:
         raise DataError("nothing to fine-tune on: give series files (--data) or arrays")
-    cfg = replace(cfg, bins=codec.bins, low=codec.low, high=codec.high,
-                  seq_len=min(cfg.seq_len, loaded.module.config.max_seq_len))
+    trained = loaded.meta.get("series", {})
+    window = trained.get("context_length", 0) + trained.get("prediction_length", 0) or loaded.module.config.max_seq_len
+    cfg = replace(cfg, bins=codec.bins, low=codec.low, high=codec.high, seq_len=min(cfg.seq_len, window),
+                  center=trained.get("center", False),
+                  prediction_length=min(cfg.prediction_length, trained.get("prediction_length", cfg.prediction_length)))
     longest = max(len(v) for v in data.values())
     per_series = max(8, cfg.windows // len(data) if cfg.windows else 8 * max(1, longest // cfg.seq_len))
-    train, val, n = _datasets(list(data.values()), cfg, per_series)
+    replay = pretraining_series(replace(cfg, data=[]), log)[0] if cfg.synthetic or cfg.mixup else []
+    train, val, n = _datasets(list(data.values()), cfg, per_series, replay)
     key = _key(*data.values(), cfg.to_dict())
     base = loaded.module
     if cfg.full:
