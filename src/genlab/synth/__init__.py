@@ -1,0 +1,1 @@
+"""Synthetic tabular records and the fidelity / utility / privacy reports that vet them."""
