@@ -20,6 +20,7 @@ from genlab.cli_options import (
 )
 from genlab.errors import GenlabError
 from genlab.series.cli import series_app
+from genlab.synth.cli import synth_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="genlab: build, adapt, ground and serve generative models on your own machine.")
@@ -36,6 +37,7 @@ app.add_typer(feedback_app, name="feedback")
 reward_app = typer.Typer(no_args_is_help=True, help="Reward models trained on recorded preferences.")
 app.add_typer(reward_app, name="reward")
 app.add_typer(series_app, name="series")
+app.add_typer(synth_app, name="synth")
 
 
 def _adapters(specs: list[str] | None) -> dict[str, str]:

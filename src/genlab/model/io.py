@@ -210,7 +210,7 @@ def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str =
 
 
 def load_codec(folder: Path, meta: dict):
-    """The folder's token codec: a text tokenizer, or the series codec genlab.json names."""
+    """The folder's token codec: a text tokenizer, or the series / table codec genlab.json names."""
     spec = meta.get("codec") or {"type": "text"}
     if spec.get("type") == "series":
         from genlab.codecs.series import SeriesCodec
@@ -219,6 +219,10 @@ def load_codec(folder: Path, meta: dict):
             return SeriesCodec.from_dict(spec)
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{folder / 'genlab.json'}: invalid series codec {spec!r} ({e})") from None
+    if spec.get("type") == "table":
+        from genlab.synth.grammar import TableTokenizer
+
+        return TableTokenizer.from_folder(folder)
     from genlab.codecs.text import load_tokenizer
 
     return load_tokenizer(folder)
