@@ -15,6 +15,11 @@
 6. Retrieval: index CPython's documentation topics (MiniLM embeddings, SQLite + FTS5 + FAISS),
    measure dense / BM25 / hybrid retrieval on the labelled question set in tests/data, and ask
    the pretrained model a question grounded in retrieved, cited chunks.
+7. Serving: the OpenAI-compatible server in this process, the official client streaming,
+   RAG through the API, JSON mode, continuous batching, feedback recorded and exported.
+8. Time series: a series model pretrained on KernelSynth + TSMixup series, a CO2 fan chart,
+   and rolling-origin backtests (zero-shot and per-series fine-tuned vs seasonal naive, ETS,
+   ARIMA) on the bundled statsmodels series.
 """
 
 from __future__ import annotations
@@ -279,6 +284,48 @@ def serve_tour(out: Path, model_dir: Path, summary: dict):
                    feedback_dpo_rows=counts["dpo"])
 
 
+def series_tour(out: Path, summary: dict, steps: int, finetune_steps: int):
+    step("8 · time series as tokens: pretrain on synthetic series, forecast CO2, fine-tune, backtest")
+    from genlab.series.data import bundled
+    from genlab.series.evaluate import evaluate_series, wins
+    from genlab.series.model import SeriesModel, summarise
+    from genlab.series.plots import fan_chart
+    from genlab.series.train import pretrain_series
+
+    root = out / "series"
+    shutil.rmtree(root, ignore_errors=True)
+    run = pretrain_series(out=str(root / "pretrain"), max_steps=steps, max_minutes=3, device="cpu", console=console)
+    r = run.result
+    console.print(f"series model: validation loss {run.val_loss_before:.3f} -> {r.val_loss:.3f} nats/value after "
+                  f"{r.tokens:,} tokens in {r.seconds:.0f}s (KernelSynth {run.data['kernel_synth']:,} series + "
+                  f"TSMixup {run.data['ts_mixup']['windows']:,} windows of the bundled series' first 80%)")
+    co2 = bundled(["co2"])["co2"]
+    model = SeriesModel.load(run.output_dir, num_samples=100)
+    start = time.perf_counter()
+    forecast = summarise(model.sample(co2.values, 52))
+    seconds = time.perf_counter() - start
+    future = co2.future_index(52)
+    fan = fan_chart(co2.index[-260:], co2.values[-260:], future, forecast, root / "co2_forecast.png",
+                    "Mauna Loa CO2 (weekly): 100 sampled paths, one year ahead")
+    console.print(f"CO2 forecast for {future[-1]:%Y-%m-%d}: median {forecast.median[-1]:.1f} ppm, 80% band "
+                  f"{forecast.quantiles[0][-1]:.1f} .. {forecast.quantiles[-1][-1]:.1f} (last observed "
+                  f"{co2.values[-1]:.1f}); 100 paths x 52 weeks sampled in {seconds:.1f}s -> {fan}")
+    result = evaluate_series(run.output_dir, out=root / "eval", windows=3, finetune_steps=finetune_steps,
+                             console=console)
+    console.print(result.table())
+    rel = result.relative()
+    won = {other: wins(result, "genlab-finetuned", other) for other in ("genlab-zero-shot", "ets")}
+    console.print(f"geometric mean relative to seasonal naive: zero-shot MASE {rel['genlab-zero-shot']['mase']:.3f} / "
+                  f"WQL {rel['genlab-zero-shot']['wql']:.3f}, fine-tuned {rel['genlab-finetuned']['mase']:.3f} / "
+                  f"{rel['genlab-finetuned']['wql']:.3f}, ETS {rel['ets']['mase']:.3f} / {rel['ets']['wql']:.3f}; "
+                  f"fine-tuned beats zero-shot on {won['genlab-zero-shot'][0]}/{won['genlab-zero-shot'][1]} series "
+                  f"and ETS on {won['ets'][0]}/{won['ets'][1]} (MASE)")
+    summary.update(series_val_loss=round(r.val_loss, 3), co2_median_in_1_year=round(float(forecast.median[-1]), 1),
+                   **{f"series_rel_{metric}_{name}": round(rel[name][metric], 3)
+                      for name in ("genlab-zero-shot", "genlab-finetuned", "ets", "arima") for metric in ("mase", "wql")})
+    return [root / "pretrain" / "loss.png", fan, root / "eval" / "relative.png"]
+
+
 def main():
     transformers.utils.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,6 +333,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=300, help="pretraining steps (16 x 256 tokens each)")
     parser.add_argument("--adapt-steps", type=int, default=80, help="LoRA continued-pretraining steps (8 x 256 tokens)")
+    parser.add_argument("--series-steps", type=int, default=600, help="series pretraining steps (16 windows of 256 values)")
+    parser.add_argument("--series-finetune-steps", type=int, default=100, help="per-series fine-tuning steps in the backtest")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     summary, plots = {}, []
@@ -298,6 +347,7 @@ def main():
     plots.append(adaptation_tour(args.out, args.out / "pretrain" / "model", summary, args.adapt_steps))
     rag_tour(args.out, args.out / "pretrain" / "model", summary)
     serve_tour(args.out, args.out / "pretrain" / "model", summary)
+    plots += series_tour(args.out, summary, args.series_steps, args.series_finetune_steps)
     step("summary")
     table = Table("measured", "value")
     for key, value in summary.items():

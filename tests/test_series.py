@@ -109,6 +109,9 @@ def test_finetuning_on_a_series_beats_the_base_model_on_it(series_model, tmp_pat
     replayed = finetune_series(model=str(series_model.output_dir), out=str(tmp_path / "ft2"),
                                series={"zigzag": history}, max_steps=2, synthetic=40, mixup=20)
     assert replayed.data["windows"] == run.data["windows"] + 60
+    full = finetune_series(model=str(series_model.output_dir), out=str(tmp_path / "full"), series={"zigzag": history},
+                           max_steps=2, full=True, synthetic=0, mixup=0)
+    assert full.output_dir.name == "model" and SeriesModel.load(full.output_dir).sample(history, 3).shape == (100, 3)
 
 
 def test_a_text_model_is_not_a_series_model(tmp_path, tokenizer):
