@@ -52,7 +52,6 @@ def peak_memory_mb(device: str) -> float:
 
 
 def run_genlab(folder: Path, args) -> dict:
-    import numpy as np
     import torch
 
     from genlab.data.instructions import prepare_examples
