@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from genlab.cli_options import (
-    Adapter, BatchSize, CkptEvery, Compile, Config, Device, Dtype, EvalEvery, Fsdp, GradAccum, Lr, MaxMinutes, MaxNew,
+    Preset, Adapter, BatchSize, CkptEvery, Compile, Config, Device, Dtype, EvalEvery, Fsdp, GradAccum, Lr, MaxMinutes, MaxNew,
     MaxSteps, MinP, Out, RepPenalty, Resume, Seed, SeqLen, Stop, Temperature, TopK, TopP, TrainDevice, TrainSeed, Warmup,
     err, out,
 )
@@ -233,7 +233,7 @@ def pretrain(
     data: Annotated[Optional[list[Path]], typer.Argument(help="Files / folders / JSONL / CSV / Parquet; none = bundled Python docs.")] = None,
     out: Out = None,
     config: Config = None,
-    preset: Annotated[Optional[str], typer.Option(help="Model size preset (genlab model presets).")] = None,
+    preset: Preset = None,
     tokenizer: Annotated[Optional[Path], typer.Option(help="Existing tokenizer folder (default: train one).")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary of the tokenizer trained on the data.")] = None,
     seq_len: SeqLen = None,

@@ -40,4 +40,5 @@ TrainSeed = Annotated[Optional[int], typer.Option(help="Seed for init and data o
 TrainDevice = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda.")]
 Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (GPU).")]
 Fsdp = Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Shard parameters across torchrun processes.")]
+Preset = Annotated[Optional[str], typer.Option(help="Model size preset (genlab model presets).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 
 from genlab.cli_options import (
-    BatchSize, CkptEvery, Compile, Config, EvalEvery, Lr, MaxMinutes, MaxSteps, Out, Resume, TrainDevice,
+    Preset, BatchSize, CkptEvery, Compile, Config, EvalEvery, Lr, MaxMinutes, MaxSteps, Out, Resume, TrainDevice,
     TrainSeed, Warmup, err, out,
 )
 from genlab.errors import InvalidParameterError
@@ -52,7 +52,7 @@ def _train_overrides(**kw) -> dict:
 def series_pretrain(
     out_dir: Out = None,
     config: Config = None,
-    preset: Annotated[Optional[str], typer.Option(help="Model size preset (genlab model presets).")] = None,
+    preset: Preset = None,
     bins: Annotated[Optional[int], typer.Option(help="Quantisation bins (vocabulary = bins + 3).")] = None,
     synthetic: Annotated[Optional[int], typer.Option(help="KernelSynth series to generate.")] = None,
     mixup: Annotated[Optional[int], typer.Option(help="TSMixup windows of the bundled statsmodels series.")] = None,

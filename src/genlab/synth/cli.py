@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from genlab.cli_options import (
-    BatchSize, Config, EvalEvery, Lr, MaxMinutes, MaxSteps, Out, Resume, TrainDevice, TrainSeed, err, out,
+    Preset, BatchSize, Config, EvalEvery, Lr, MaxMinutes, MaxSteps, Out, Resume, TrainDevice, TrainSeed, err, out,
 )
 
 synth_app = typer.Typer(no_args_is_help=True, help="Synthetic tables: fit a model, sample records, report fidelity / utility / privacy.")
@@ -19,7 +19,7 @@ def synth_fit(
     data: Annotated[Path, typer.Argument(help="CSV or Parquet table.")],
     out_dir: Out = None,
     config: Config = None,
-    preset: Annotated[Optional[str], typer.Option(help="Model size preset (genlab model presets).")] = None,
+    preset: Preset = None,
     permutations: Annotated[Optional[int], typer.Option(help="Random column orders per training row.")] = None,
     max_categories: Annotated[Optional[int], typer.Option(help="More distinct strings than this: a free-text column (excluded).")] = None,
     batch_size: BatchSize = None,
