@@ -98,13 +98,12 @@ def synth_report(
     from rich.table import Table
 
     from genlab.data.tables import read_table
+    from genlab.errors import DataError
     from genlab.synth.report import report
 
     frames = [read_table(p) if p is not None else None for p in (real, synth, holdout)]
     shared = [c for c in frames[0].columns if c in frames[1].columns]
     if not shared:
-        from genlab.errors import DataError
-
         raise DataError(f"{synth}: no column in common with {real}")
     frames = [f[shared] if f is not None else None for f in frames]
     rep = report(frames[0], frames[1], frames[2], target=target, baselines=baselines, seed=seed, out=out_dir)

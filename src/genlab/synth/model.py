@@ -12,7 +12,6 @@ masks, so every row parses; `where` fixes columns to values or numeric ranges.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -210,11 +209,4 @@ class TableModel:
     def _text(self, ids: list[int]) -> str:
         values = self.tok.decode(ids)
         return ", ".join(f"{name} is {values[name]}" for name in self.schema.names())
-
-
-def sample_rate(model: TableModel, n: int, batch_size: int = 1024, seed: int = 0) -> tuple[pd.DataFrame, float]:
-    """Rows and rows per second of one `sample` call."""
-    start = time.perf_counter()
-    rows = model.sample(n, seed=seed, batch_size=batch_size)
-    return rows, n / (time.perf_counter() - start)
 
