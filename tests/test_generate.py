@@ -10,7 +10,7 @@ import torch
 import genlab
 from genlab.errors import ContextLengthError, InvalidParameterError
 from genlab.generate.detok import TextStream
-from genlab.generate.sampling import RowSampler, SamplingParams
+from genlab.generate.sampling import RowSampler, SamplingParams, draw
 
 PROMPTS = ["The quick brown fox", "def", "Climate records: 1958 CO2 315.7 ppm; 2024"]
 
@@ -85,6 +85,16 @@ def test_sampler_draws_follow_the_distribution():
     sampler = RowSampler([params] * 4000, list(range(4000)), 4, "cpu")
     counts = torch.bincount(sampler(logits), minlength=4).float() / 4000
     torch.testing.assert_close(counts, probs, atol=0.03, rtol=0)
+
+
+def test_inverse_cdf_draw_follows_unnormalised_rows_and_skips_zeros():
+    weights = torch.tensor([[2.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 3.0]]).repeat(10000, 1)
+    tokens = draw(weights, torch.Generator().manual_seed(0))[:, 0]
+    first, second = tokens[0::2], tokens[1::2]
+    torch.testing.assert_close(torch.bincount(first, minlength=4).float() / len(first),
+                               torch.tensor([0.5, 0.0, 0.25, 0.25]), atol=0.02, rtol=0)
+    assert (second == 3).all()  # the only token with weight
+    assert torch.equal(draw(weights, torch.Generator().manual_seed(0))[:, 0], tokens)  # seeded
 
 
 def test_top_k_top_p_min_p_keep_the_right_tokens():

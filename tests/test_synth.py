@@ -10,13 +10,14 @@ import torch
 
 from genlab.codecs.table import ColumnSpec, TableSchema, parse_row
 from genlab.errors import InvalidParameterError
-from genlab.synth.grammar import BOS, EOS, SEP, RowGrammar, TableTokenizer
+from genlab.synth.grammar import BOS, EOS, RowGrammar, TableTokenizer
 
 SCHEMA = TableSchema([
     ColumnSpec("age", "integer", min=18, max=90),
     ColumnSpec("sex", "categorical", categories=["F", "M"]),
     ColumnSpec("bmi", "numeric", min=15.0, max=45.5, decimals=1, missing=True),
     ColumnSpec("smoker", "boolean"),
+    ColumnSpec("visits", "integer", min=0, max=12, levels=["0", "1", "2", "3", "12"]),
 ])
 
 
@@ -42,11 +43,12 @@ def as_text(tok: TableTokenizer, ids: list[int]) -> str:
 
 def test_tokenizer_round_trip_and_vocabulary():
     tok = TableTokenizer(SCHEMA)
-    row = {"age": "42", "sex": "F", "bmi": "missing", "smoker": "true"}
-    ids = tok.encode(row, ["bmi", "sex", "age", "smoker"])
-    assert ids[0] == BOS and ids[-1] == EOS and ids.count(SEP) == 3
+    row = {"age": "42", "sex": "F", "bmi": "missing", "smoker": "true", "visits": "12"}
+    ids = tok.encode(row, ["bmi", "sex", "age", "visits", "smoker"])
+    assert ids[0] == BOS and ids[-1] == EOS
+    assert len(ids) == 1 + 5 + len(row["age"]) + 4 + 1  # BOS, column tokens, "42" spelled, 4 one-token values, EOS
     assert tok.decode(ids) == row
-    assert len(tok) == 5 + 4 + 2 + 2 + 12  # specials, columns, categories, boolean, 0-9 - .
+    assert len(tok) == 4 + 5 + 2 + 2 + 5 + 12  # specials, columns, categories, boolean, levels, 0-9 - .
 
 
 def test_every_row_through_the_grammar_is_valid():
@@ -57,15 +59,19 @@ def test_every_row_through_the_grammar_is_valid():
         parsed = parse_row(as_text(tok, ids), SCHEMA)  # raises on anything invalid
         assert 18 <= parsed["age"] <= 90 and parsed["sex"] in ("F", "M")
         assert parsed["bmi"] is None or 15.0 <= parsed["bmi"] <= 45.5
+        assert parsed["visits"] in (0, 1, 2, 3, 12)  # a levels column writes only its levels
         assert len(ids) <= len(grammar.prefix_ids()) + grammar.max_length()
 
 
 def test_conditions_fix_values_and_narrow_ranges():
     tok = TableTokenizer(SCHEMA)
-    grammar = RowGrammar(tok, fixed={"sex": "M"}, ranges={"age": (40, 60), "bmi": (None, 20)})
+    grammar = RowGrammar(tok, fixed={"sex": "M"}, ranges={"age": (40, 60), "bmi": (None, 20), "visits": (2, 20)})
     rows = [parse_row(as_text(tok, ids), SCHEMA) for ids in random_rows(grammar, 200, seed=1)]
     assert all(r["sex"] == "M" and 40 <= r["age"] <= 60 and r["bmi"] is not None and r["bmi"] <= 20 for r in rows)
     assert len({r["age"] for r in rows}) > 10  # the range is explored, not a single value
+    assert {r["visits"] for r in rows} == {2, 3, 12}  # the levels inside the range, all of them
+    with pytest.raises(InvalidParameterError, match="not a valid value"):
+        RowGrammar(tok, fixed={"visits": "5"})  # inside min..max but not a level
     with pytest.raises(InvalidParameterError, match="unknown column"):
         RowGrammar(tok, fixed={"height": "1"})
     with pytest.raises(InvalidParameterError, match="not a valid value"):

@@ -367,3 +367,26 @@ def test_bundled_and_read_table(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DataError, match="bad.json: unreadable table schema"):
         TableSchema.load(tmp_path / "bad.json")
+
+
+def test_discrete_number_columns_get_levels(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 400
+    df = pd.DataFrame({
+        "visits": rng.choice([0, 1, 2, 5, 40], n),  # a count with 5 values
+        "dose": rng.choice([0.25, 0.5, 1.0], n),  # a coded amount
+        "weight": rng.normal(70, 10, n).round(1),  # continuous: hundreds of values
+        "rare": np.r_[np.arange(150), np.zeros(n - 150)].astype(int),  # 151 values in 400 rows: < 4 each
+    })
+    schema = infer_schema(df, max_levels=64)
+    visits, dose, weight, rare = schema.columns
+    assert visits.levels == ["0", "1", "2", "5", "40"] and dose.levels == ["0.25", "0.50", "1.00"]
+    assert weight.levels is None and rare.levels is None
+    assert infer_schema(df).columns[0].levels is None  # default: never (the text codec spells numbers)
+    assert visits.is_complete("40") and not visits.is_complete("3") and visits.is_prefix("4")
+    assert not visits.is_prefix("3") and "one of the levels" in visits.describe()
+    with pytest.raises(DataError, match="visits"):
+        visits.format(3)  # inside min..max, but never seen
+    assert decode_rows(encode_table(df, schema), schema).equals(df)
+    schema.save(tmp_path / "s.json")
+    assert TableSchema.load(tmp_path / "s.json").columns[1].levels == ["0.25", "0.50", "1.00"]

@@ -24,7 +24,9 @@ Inference rules (`infer_schema`), in order:
   the same two texts, and the original dtype comes back.
 - numbers: all whole -> integer (floats too: pandas stores integers with gaps as floats), unless
   the column is an identifier (no missing, every value unique, and sequential like 0..n-1 or
-  monotone in row order); otherwise numeric.
+  monotone in row order); otherwise numeric. A number column with at most `max_levels` distinct
+  values, each seen 4+ times on average (codes, counts, scores), keeps them as `levels`: its only
+  valid texts, one token each for the table model (synth fit uses 1000; the default 0 = never).
 - strings: mostly (>= half) numbers but not all -> excluded as mixed types; all ISO 8601 dates
   -> datetime; nearly all unique (>= id_unique_ratio) -> excluded as an identifier; at most
   max_categories distinct -> categorical; more -> excluded as free text. Numeric-looking strings
@@ -38,7 +40,7 @@ import json
 import logging
 import re
 from bisect import bisect_left
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from functools import cached_property
@@ -163,6 +165,7 @@ class ColumnSpec:
     categories: list[str] | None = None  # categorical vocabulary; boolean: ["false", "true"]
     missing: bool = False  # "missing" is a valid value
     fmt: str | None = None  # datetime: one of DATETIME_FORMATS
+    levels: list[str] | None = None  # numeric / integer with few distinct values: the only valid texts
 
     def __post_init__(self):
         problem = name_problem(self.name)
@@ -183,11 +186,23 @@ class ColumnSpec:
             raise InvalidParameterError(f"column {self.name!r}: decimals must be >= 0 (0 for integers)")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise InvalidParameterError(f"column {self.name!r}: min {self.min!r} > max {self.max!r}")
+        if self.levels is not None and (self.kind not in ("numeric", "integer") or not self.levels
+                                        or len(set(self.levels)) != len(self.levels)
+                                        or any(_scaled(t, self.decimals) is None for t in self.levels)):
+            raise InvalidParameterError(f"column {self.name!r}: levels must be distinct number texts of a "
+                                        f"numeric or integer column, at least one")
 
     # -- derived tables (specs are immutable, so these are computed once) --
     @cached_property
     def _bounds(self) -> tuple[int | None, int | None]:
         return _bound(self.min, self.decimals, ROUND_CEILING), _bound(self.max, self.decimals, ROUND_FLOOR)
+
+    @cached_property
+    def _level_texts(self) -> list[str]:
+        """The levels inside [min, max], sorted as texts (what a decoder may write)."""
+        lo, hi = self._bounds
+        return sorted(t for t in self.levels if (lo is None or _scaled(t, self.decimals) >= lo)
+                      and (hi is None or _scaled(t, self.decimals) <= hi))
 
     @cached_property
     def _vocab(self) -> dict[str, object]:
@@ -226,6 +241,9 @@ class ColumnSpec:
         """Whether `text` is exactly a valid value text of this column."""
         if text == MISSING:
             return self.missing
+        if self.levels is not None:
+            i = bisect_left(self._level_texts, text)
+            return i < len(self._level_texts) and self._level_texts[i] == text
         if self.kind in ("numeric", "integer"):
             n, (lo, hi) = _scaled(text, self.decimals), self._bounds
             return n is not None and (lo is None or n >= lo) and (hi is None or n <= hi)
@@ -238,6 +256,9 @@ class ColumnSpec:
         """Whether some valid value text of this column starts with `text` (complete ones included)."""
         if self.missing and MISSING.startswith(text):
             return True
+        if self.levels is not None:
+            i = bisect_left(self._level_texts, text)
+            return i < len(self._level_texts) and self._level_texts[i].startswith(text)
         if self.kind in ("numeric", "integer"):
             return _number_prefix_ok(text, *self._bounds, self.decimals)
         if self.kind == "datetime":
@@ -256,7 +277,10 @@ class ColumnSpec:
 
     def describe(self) -> str:
         """What a valid value looks like (for error messages)."""
-        if self.kind == "numeric":
+        if self.levels is not None:
+            shown = ", ".join(self._level_texts[:8]) + (", ..." if len(self._level_texts) > 8 else "")
+            what = f"one of the levels {shown}"
+        elif self.kind == "numeric":
             what = f"a number with {self.decimals} decimals in [{self.min}, {self.max}]"
         elif self.kind == "integer":
             what = f"an integer in [{self.min}, {self.max}]"
@@ -374,7 +398,17 @@ def _decimals(x: np.ndarray) -> int:
     return MAX_DECIMALS
 
 
-def _number_spec(name: str, values: pd.Series, missing: bool) -> ColumnSpec | str:
+def _with_levels(spec: ColumnSpec, values: np.ndarray, max_levels: int) -> ColumnSpec:
+    """A discrete number column (codes, counts, scores: at most max_levels distinct values,
+    each seen 4+ times on average) keeps its values as levels: one token each for a decoder."""
+    distinct = np.unique(values)
+    if len(distinct) > max_levels or 4 * len(distinct) > len(values):
+        return spec
+    texts = [str(int(v)) if spec.kind == "integer" else _number_text(v, spec.decimals) for v in distinct]
+    return replace(spec, levels=list(dict.fromkeys(texts)))
+
+
+def _number_spec(name: str, values: pd.Series, missing: bool, max_levels: int = 0) -> ColumnSpec | str:
     x = values.to_numpy(dtype=float)
     if not np.isfinite(x).all():
         return f"infinite values: {int((~np.isfinite(x)).sum())} of {len(x)}"
@@ -384,10 +418,12 @@ def _number_spec(name: str, values: pd.Series, missing: bool) -> ColumnSpec | st
             steps = np.diff(ints)
             if ints.max() - ints.min() == len(ints) - 1 or (steps > 0).all() or (steps < 0).all():
                 return f"identifier: {len(ints)} unique values of {len(ints)} (sequential or monotone integers)"
-        return ColumnSpec(name, "integer", min=int(ints.min()), max=int(ints.max()), missing=missing)
+        spec = ColumnSpec(name, "integer", min=int(ints.min()), max=int(ints.max()), missing=missing)
+        return _with_levels(spec, ints, max_levels)
     d = _decimals(x)
-    return ColumnSpec(name, "numeric", min=float(_number_text(x.min(), d)), max=float(_number_text(x.max(), d)),
+    spec = ColumnSpec(name, "numeric", min=float(_number_text(x.min(), d)), max=float(_number_text(x.max(), d)),
                       decimals=d, missing=missing)
+    return _with_levels(spec, x, max_levels)
 
 
 def _datetime_spec(name: str, stamps: pd.Series, missing: bool) -> ColumnSpec | str:
@@ -415,7 +451,8 @@ def _text_spec(name: str, texts: pd.Series, missing: bool, max_categories: int, 
             f"{texts.str.len().mean():.0f} characters on average")
 
 
-def _column_spec(name: str, column: pd.Series, max_categories: int, id_ratio: float) -> ColumnSpec | str:
+def _column_spec(name: str, column: pd.Series, max_categories: int, id_ratio: float,
+                 max_levels: int) -> ColumnSpec | str:
     """The spec of one column, or the reason it is excluded."""
     values = column.dropna()
     missing = len(values) < len(column)
@@ -429,7 +466,7 @@ def _column_spec(name: str, column: pd.Series, max_categories: int, id_ratio: fl
     if isinstance(dtype, pd.CategoricalDtype):
         return _text_spec(name, values.astype(str), missing, max_categories, id_ratio)
     if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype):
-        return _number_spec(name, values, missing)
+        return _number_spec(name, values, missing, max_levels)
     if dtype != object and not pd.api.types.is_string_dtype(dtype):
         return f"unsupported dtype {dtype}"
     odd = [v for v in values if not isinstance(v, (str, int, float, np.number))]
@@ -437,7 +474,7 @@ def _column_spec(name: str, column: pd.Series, max_categories: int, id_ratio: fl
         return f"unsupported values of type {type(odd[0]).__name__}"
     numbers = pd.to_numeric(values, errors="coerce")
     if all(not isinstance(v, str) for v in values):  # Python numbers in an object column
-        return _number_spec(name, numbers, missing)
+        return _number_spec(name, numbers, missing, max_levels)
     n_numbers = int(numbers.notna().sum())
     if 2 * n_numbers >= len(values) and n_numbers < len(values):
         bad = list(dict.fromkeys(values[numbers.isna()].tolist()))[:2]
@@ -451,11 +488,14 @@ def _column_spec(name: str, column: pd.Series, max_categories: int, id_ratio: fl
     return _text_spec(name, texts, missing, max_categories, id_ratio)
 
 
-def infer_schema(df: pd.DataFrame, max_categories: int = 50, id_unique_ratio: float = 0.95, warn=None) -> TableSchema:
+def infer_schema(df: pd.DataFrame, max_categories: int = 50, id_unique_ratio: float = 0.95, warn=None,
+                 max_levels: int = 0) -> TableSchema:
     """The schema of a table; excluded columns (identifiers, free text, mixed types, ...) are
-    reported through `warn(message)` (default: the "genlab.table" logger's warning)."""
-    if max_categories < 1 or not 0 < id_unique_ratio <= 1:
-        raise InvalidParameterError("infer_schema needs max_categories >= 1 and 0 < id_unique_ratio <= 1")
+    reported through `warn(message)` (default: the "genlab.table" logger's warning). Number
+    columns with at most `max_levels` distinct values get them as `levels` (0: never)."""
+    if max_categories < 1 or not 0 < id_unique_ratio <= 1 or max_levels < 0:
+        raise InvalidParameterError("infer_schema needs max_categories >= 1, 0 < id_unique_ratio <= 1 "
+                                    "and max_levels >= 0")
     warn = warn or logging.getLogger("genlab.table").warning
     names = [str(c) for c in df.columns]
     if "" in names:
@@ -468,7 +508,7 @@ def infer_schema(df: pd.DataFrame, max_categories: int = 50, id_unique_ratio: fl
     columns, excluded = [], {}
     for i, name in enumerate(names):
         problem = name_problem(name)  # matters only if the column is kept (excluded ones are never written)
-        spec = _column_spec("column" if problem else name, df.iloc[:, i], max_categories, id_unique_ratio)
+        spec = _column_spec("column" if problem else name, df.iloc[:, i], max_categories, id_unique_ratio, max_levels)
         if isinstance(spec, str):
             excluded[name] = spec
             warn(f"column {name!r} is excluded from the table encoding: {spec}")

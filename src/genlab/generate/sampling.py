@@ -111,3 +111,12 @@ class RowSampler:
         # Drop a token once the mass before it already reaches top_p (the first is always kept).
         drop |= (probs.cumsum(-1) - probs) >= self.top_p
         return logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `probs` [B, V] (rows need not sum to 1) from one generator, by the
+    inverse CDF: a cumulative sum and a binary search. On CPU this is several times faster than
+    torch.multinomial at large batches; zero-probability tokens are never drawn."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max_(probs.shape[-1] - 1)

@@ -18,6 +18,7 @@ import torch
 
 from genlab.codecs.series import SPECIAL, SeriesCodec
 from genlab.errors import DataError, InvalidParameterError
+from genlab.generate.sampling import draw
 from genlab.model import adapters, io
 from genlab.model.transformer import KVCache
 from genlab.series.backtest import QUANTILES, Forecast
@@ -74,7 +75,7 @@ class SeriesModel:
         if self.top_k:
             kth = logits.topk(min(self.top_k, logits.shape[-1] - SPECIAL), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, -math.inf)
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        return draw(logits.softmax(-1), generator)
 
     @torch.inference_mode()
     def sample_tokens(self, prefix: np.ndarray, steps: int, rows: int, seed: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from genlab.codecs.table import TableSchema, decode_rows, infer_schema
 from genlab.errors import DataError, InvalidParameterError
+from genlab.generate.sampling import draw
 from genlab.model import io
 from genlab.model.presets import preset
 from genlab.model.transformer import KVCache, Transformer
@@ -38,6 +39,7 @@ class SynthConfig(TrainConfig):
     preset: str = "1m"
     permutations: int = 3  # random column orders per training row
     max_categories: int = 50  # more distinct strings than this: free text (excluded)
+    max_levels: int = 1000  # number columns with at most this many distinct values (4+ rows each): one token per value
     seq_len: int = 256  # tokens per packed training row (several table rows each)
     batch_size: int = 16
     max_steps: int = 800
@@ -92,7 +94,8 @@ def fit_table(data: pd.DataFrame | str | Path, config: SynthConfig | None = None
     console = console or Console(stderr=True)
     d, log, out = distributed.start(cfg, resume, console)
     df = data if isinstance(data, pd.DataFrame) else read_table(data)
-    schema = infer_schema(df, max_categories=cfg.max_categories, warn=lambda m: log(f"[yellow]warning:[/] {m}"))
+    schema = infer_schema(df, max_categories=cfg.max_categories, max_levels=cfg.max_levels,
+                          warn=lambda m: log(f"[yellow]warning:[/] {m}"))
     tok = TableTokenizer(schema)
     rng = np.random.default_rng(cfg.seed)
     texts = row_texts(df, schema)
@@ -155,7 +158,7 @@ class TableModel:
     """A fitted table model: sample rows (conditionally) as a DataFrame."""
 
     def __init__(self, module: torch.nn.Module, tokenizer: TableTokenizer, device: str = "cpu"):
-        self.module, self.tok, self.device = module.eval(), tokenizer, torch.device(device)
+        self.module, self.tok, self.device = module.eval().pack_for_inference(), tokenizer, torch.device(device)
         self.schema = tokenizer.schema
 
     @classmethod
@@ -192,7 +195,7 @@ class TableModel:
         for step in range(steps):
             scores = logits[:, -1].float() / temperature
             scores = scores.masked_fill(~grammar.masks(states), -math.inf)
-            token = torch.multinomial(scores.softmax(-1), 1, generator=generator)
+            token = draw(scores.softmax(-1), generator)
             chosen = token[:, 0].tolist()
             for s, row, t in zip(states, written, chosen):
                 if not s.finished:
