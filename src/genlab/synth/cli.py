@@ -1,4 +1,5 @@
-"""`genlab synth ...`: fit a table model, sample synthetic records, report on them."""
+"""`genlab synth ...`: fit a table model, sample synthetic records, report on them; draft
+grounded instruction pairs from a document store."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from genlab.cli_options import (
     Preset, BatchSize, Config, EvalEvery, Lr, MaxMinutes, MaxSteps, Out, Resume, TrainDevice, TrainSeed, err, out,
 )
 
-synth_app = typer.Typer(no_args_is_help=True, help="Synthetic tables: fit a model, sample records, report fidelity / utility / privacy.")
+synth_app = typer.Typer(no_args_is_help=True, help="Synthetic data: fit a table model, sample records, report fidelity / utility / privacy; draft grounded Q/A pairs.")
 
 
 @synth_app.command("fit")
@@ -114,3 +115,52 @@ def synth_report(
         table.add_row(key, *("" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells))
     out.print(table)
     out.print(f"wrote {out_dir / 'report.html'} and {out_dir / 'report.json'}")
+
+
+@synth_app.command("instructions")
+def synth_instructions(
+    store: Annotated[Path, typer.Argument(help="Store folder built by genlab index (the documents to draft from).")],
+    model: Annotated[str, typer.Option("--model", help="Model folder (genlab or Hugging Face) that drafts the pairs.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="JSONL file for the pairs; a .summary.json goes beside it.")] = Path("pairs.jsonl"),
+    n: Annotated[Optional[int], typer.Option("-n", help="Chunks to sample (seeded; default: every chunk).")] = None,
+    per_chunk: Annotated[int, typer.Option(help="Drafts per chunk (more than one needs a temperature > 0).")] = 1,
+    seed: Annotated[int, typer.Option(help="Same seed -> same chunks and drafts.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per draft at most.")] = 160,
+    batch_size: Annotated[int, typer.Option(help="Chunks prompted together.")] = 8,
+    min_overlap: Annotated[float, typer.Option(help="Least fraction of the answer's content words found in its chunk.")] = 0.5,
+    max_similarity: Annotated[float, typer.Option(help="Questions this similar to a kept one (word Jaccard) are dropped.")] = 0.7,
+    check_retrieval: Annotated[bool, typer.Option("--check-retrieval", help="Keep only questions for which the store's retriever finds their chunk.")] = False,
+    retrieval_k: Annotated[int, typer.Option(help="Retrieved chunks --check-retrieval looks among.")] = 5,
+    embedder: Annotated[Optional[str], typer.Option(help="The store's embedder folder, for --check-retrieval (default: all-MiniLM-L6-v2).")] = None,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--plain", help="Prompt through the chat template, or plainly (default: chat if the model has a template).")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+):
+    """Draft question/answer pairs grounded in the chunks of a store (self-instruct style), drop
+    unparsable, too short / long, non-question, ungrounded, near-duplicate (and, with
+    --check-retrieval, unretrievable) ones, and write the rest as `messages` JSONL for genlab finetune.
+
+    Example: genlab synth instructions runs/store --model my-chat-model/ --out runs/qa.jsonl -n 500 --per-chunk 2 --check-retrieval
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from genlab.synth.instructions import DraftConfig, draft_instructions
+
+    cfg = DraftConfig(chunks=n, per_chunk=per_chunk, seed=seed, temperature=temperature, top_p=top_p,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, min_overlap=min_overlap,
+                      max_similarity=max_similarity, check_retrieval=check_retrieval, retrieval_k=retrieval_k)
+    summary = draft_instructions(store, model, out_file, cfg, embedder=embedder, chat=chat, device=device,
+                                 console=err).summary
+    table = Table("drafts", "count", title=f"{summary['chunks']:,} chunks of {escape(str(store))}")
+    table.add_row("drafted", f"{summary['drafted']:,}")
+    for reason, count in summary["dropped"].items():
+        table.add_row(f"dropped: {reason.replace('_', ' ')}", f"{count:,}")
+    table.add_row("[bold]kept", f"[bold]{summary['kept']:,}")
+    out.print(table)
+    if not summary["kept"]:
+        out.print("[bold yellow]warning:[/] no pair passed the filters; the summary shows a few dropped drafts per reason",
+                  soft_wrap=True)
+    out.print(f"{summary['kept']:,} pairs -> {escape(str(out_file))} (summary: "
+              f"{escape(str(out_file.with_suffix('.summary.json')))})", highlight=False, soft_wrap=True)
