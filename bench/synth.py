@@ -53,8 +53,14 @@ def main() -> None:
     model = TableModel.load(run.model_dir, device=args.device)
     model.sample(256, seed=99, batch_size=256)  # warm-up
     t0 = time.perf_counter()
-    synth = model.sample(len(train), seed=1, batch_size=args.batch_size)
+    raw = model.sample(len(train), seed=1, batch_size=args.batch_size)
     rows_per_s = len(train) / (time.perf_counter() - t0)
+    # randhie repeats itself (many people share a row), so a faithful sampler redraws training
+    # rows as often as a fresh real sample would: count that base rate, then filter copies out.
+    train_rows = set(model.row_texts(train))
+    raw_copies = sum(t in train_rows for t in model.row_texts(raw))
+    holdout_copies = sum(t in train_rows for t in model.row_texts(holdout))
+    synth = model.sample(len(train), seed=1, batch_size=args.batch_size, no_copies_of=train)
     t0 = time.perf_counter()
     GaussianCopula().fit(train).sample(len(train), seed=1)
     copula_rows_per_s = len(train) / (time.perf_counter() - t0)
@@ -73,11 +79,16 @@ def main() -> None:
     summary = {"date": str(date.today()), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
                "table": args.table, "rows_train": len(train), "rows_holdout": len(holdout), "fit_s": round(fit_s, 1),
                "val_loss": run.result.val_loss, "rows_per_s": round(rows_per_s), "ratio_vs_floor": round(rows_per_s / 1000, 2),
-               "copula_rows_per_s": round(copula_rows_per_s), "summary": rep["summary"], "floors": checks}
+               "copula_rows_per_s": round(copula_rows_per_s), "copies_before_filter": raw_copies,
+               "copies_before_filter_share": round(raw_copies / len(raw), 4),
+               "holdout_rows_equal_to_a_train_row_share": round(holdout_copies / len(holdout), 4),
+               "copies_dropped_by_filter": synth.attrs["copies_dropped"], "summary": rep["summary"], "floors": checks}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     for generator, values in rep["summary"].items():
         shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}
         print(generator, shown)
+    print(f"exact copies before the filter: {raw_copies:,} of {len(raw):,} ({raw_copies / len(raw):.1%}); "
+          f"holdout rows equal to a training row: {holdout_copies / len(holdout):.1%} (the base rate)")
     print(f"sampling: {rows_per_s:,.0f} rows/s ({rows_per_s / 1000:.2f}x the 1,000 rows/s floor; Gaussian copula "
           f"{copula_rows_per_s:,.0f} rows/s); fit {fit_s:.0f}s")
     for k, ok in checks.items():

@@ -152,3 +152,25 @@ def test_cli_fit_and_sample(tmp_path):
     sampled = pd.read_csv(tmp_path / "s.csv")
     assert list(sampled.columns) == ["age", "group"] and (sampled["group"] == "b").all() and len(sampled) == 30
     assert sampled["age"].between(20, 69).all()
+    run = subprocess.run([sys.executable, "-m", "genlab.cli", "synth", "sample", str(tmp_path / "m" / "model"),
+                          "-n", "30", "--out", str(tmp_path / "s2.csv"), "--where", "group=b", "--no-copies-of", str(csv)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    fresh = pd.read_csv(tmp_path / "s2.csv")
+    seen = set(zip(data["age"], data["group"]))
+    assert len(fresh) == 30 and not any((a, g) in seen for a, g in zip(fresh["age"], fresh["group"]))
+    assert "dropped" in run.stderr and "drawn rows equal to a row of" in run.stderr
+
+
+def test_no_copies_filter_refuses_when_every_possible_row_is_a_copy(tmp_path):
+    from genlab.errors import DataError
+    from genlab.synth.model import TableModel, fit_table
+
+    data = pd.DataFrame({"x": [0, 1] * 20, "y": ["a", "a", "b", "b"] * 10})  # all 4 possible rows occur
+    run = fit_table(data, out=str(tmp_path / "m"), max_steps=3, eval_every=10)
+    assert run.schema.columns[0].levels == ["0", "1"]
+    model = TableModel.load(run.model_dir)
+    assert len(set(model.row_texts(data))) == 4 and model.row_texts(data.assign(x=7))[0] is None  # 7: not a level
+    assert model.sample(50, seed=0).attrs["copies_dropped"] == 0
+    with pytest.raises(DataError, match="only 0 of 5 rows differ"):
+        model.sample(5, no_copies_of=data, batch_size=64)

@@ -23,6 +23,7 @@ def synth_fit(
     preset: Preset = None,
     permutations: Annotated[Optional[int], typer.Option(help="Random column orders per training row.")] = None,
     max_categories: Annotated[Optional[int], typer.Option(help="More distinct strings than this: a free-text column (excluded).")] = None,
+    max_levels: Annotated[Optional[int], typer.Option(help="Number columns with at most this many distinct values (4+ rows each) write one token per value (0: always spell numbers).")] = None,
     batch_size: BatchSize = None,
     max_steps: MaxSteps = None,
     max_minutes: MaxMinutes = None,
@@ -40,7 +41,7 @@ def synth_fit(
     from genlab.synth.model import fit_table
 
     overrides = dict(out=str(out_dir) if out_dir else None, preset=preset, permutations=permutations,
-                     max_categories=max_categories, batch_size=batch_size, max_steps=max_steps,
+                     max_categories=max_categories, max_levels=max_levels, batch_size=batch_size, max_steps=max_steps,
                      max_minutes=max_minutes, lr=lr, eval_every=eval_every, seed=seed, device=device)
     result = fit_table(data, config_file=config, resume=resume, console=err, **overrides)
     print(result.model_dir)
@@ -55,22 +56,29 @@ def synth_sample(
     seed: Annotated[int, typer.Option(help="Same seed -> same rows.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Rows decoded together.")] = 1024,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
+    no_copies_of: Annotated[Optional[Path], typer.Option("--no-copies-of", help="A table (e.g. the training data): drawn rows equal to one of its rows are dropped and redrawn.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
 ):
     """Sample synthetic rows; constrained decoding makes every row respect the schema's types,
     ranges and categories (and the --where conditions).
 
-    Example: genlab synth sample runs/synth/model -n 5000 --where sex=F --where age=40..60 --out synth.csv
+    Example: genlab synth sample runs/synth/model -n 5000 --where sex=F --where age=40..60 --out synth.csv --no-copies-of patients.csv
     """
     import time
 
+    from genlab.data.tables import read_table
     from genlab.fsutil import atomic_write_text
     from genlab.synth.model import TableModel
 
+    excluded = read_table(no_copies_of) if no_copies_of else None
     start = time.perf_counter()
     rows = TableModel.load(model, device=device).sample(n, where=where, seed=seed, batch_size=batch_size,
-                                                        temperature=temperature)
+                                                        temperature=temperature, no_copies_of=excluded)
     seconds = time.perf_counter() - start
+    if excluded is not None:
+        dropped = rows.attrs["copies_dropped"]
+        err.print(f"dropped {dropped:,} drawn rows equal to a row of {no_copies_of} "
+                  f"({dropped / (dropped + n):.1%} of draws)", highlight=False)
     if out_file.suffix == ".parquet":
         tmp = out_file.with_name(f".{out_file.name}.tmp")
         rows.to_parquet(tmp, index=False)

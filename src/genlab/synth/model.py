@@ -170,16 +170,50 @@ class TableModel:
         return cls(loaded.module, loaded.tokenizer, device)
 
     def sample(self, n: int, where: list[str] | dict | None = None, seed: int = 0, batch_size: int = 1024,
-               temperature: float = 1.0) -> pd.DataFrame:
-        """`n` new rows; every one satisfies the schema (and the conditions in `where`)."""
+               temperature: float = 1.0, no_copies_of: pd.DataFrame | None = None) -> pd.DataFrame:
+        """`n` new rows; every one satisfies the schema (and the conditions in `where`).
+
+        `no_copies_of` (e.g. the training table): a drawn row equal to one of its rows (every
+        column's value text the same) is dropped and another is drawn, so none is returned;
+        `rows.attrs["copies_dropped"]` says how many were. A privacy filter for tables whose rows
+        repeat; the training rows are needed here, the model folder never stores them."""
         if n < 1 or batch_size < 1 or temperature <= 0:
             raise InvalidParameterError("n and batch_size must be >= 1 and temperature > 0")
         grammar = RowGrammar(self.tok, *parse_where(where), device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        texts = []
-        for start in range(0, n, batch_size):
-            texts += self._batch(grammar, min(batch_size, n - start), generator, temperature)
-        return decode_rows(texts, self.schema)
+        excluded = set(self.row_texts(no_copies_of)) - {None} if no_copies_of is not None else set()
+        texts, dropped = [], 0
+        while len(texts) < n:
+            # with a filter, whole batches: the surplus is cheaper than many small rounds
+            rows = batch_size if excluded else min(batch_size, n - len(texts))
+            for text in self._batch(grammar, rows, generator, temperature):
+                if len(texts) == n:
+                    break
+                if text in excluded:
+                    dropped += 1
+                else:
+                    texts.append(text)
+            if dropped > 20 * n + 1000 and len(texts) < n:
+                raise DataError(f"only {len(texts)} of {n} rows differ from every row of the excluded table after "
+                                f"{dropped + len(texts):,} draws; the model (or the --where conditions) mostly "
+                                "reproduces its rows")
+        rows = decode_rows(texts, self.schema)
+        rows.attrs["copies_dropped"] = dropped
+        return rows
+
+    def row_texts(self, df: pd.DataFrame) -> list[str | None]:
+        """Each row of `df` as the text `_batch` writes; None for a row some column of the schema
+        cannot hold (no sampled row can equal it)."""
+        missing = [name for name in self.schema.names() if name not in df.columns]
+        if missing:
+            raise DataError(f"the table has no column(s) {', '.join(map(repr, missing))} of the model's schema")
+        out = []
+        for values in zip(*(df[name].tolist() for name in self.schema.names())):
+            try:
+                out.append(", ".join(f"{s.name} is {s.format(v)}" for s, v in zip(self.schema.columns, values)))
+            except DataError:
+                out.append(None)
+        return out
 
     @torch.inference_mode()
     def _batch(self, grammar: RowGrammar, rows: int, generator: torch.Generator, temperature: float) -> list[str]:
