@@ -24,6 +24,8 @@ def synth_fit(
     permutations: Annotated[Optional[int], typer.Option(help="Random column orders per training row.")] = None,
     max_categories: Annotated[Optional[int], typer.Option(help="More distinct strings than this: a free-text column (excluded).")] = None,
     max_levels: Annotated[Optional[int], typer.Option(help="Number columns with at most this many distinct values (4+ rows each) write one token per value (0: always spell numbers).")] = None,
+    dp_epsilon: Annotated[Optional[float], typer.Option(help="Train with DP-SGD to this privacy budget (one row = one person); the spent epsilon goes in genlab.json.")] = None,
+    dp_delta: Annotated[Optional[float], typer.Option(help="DP delta (default 1 / (10 x rows)).")] = None,
     batch_size: BatchSize = None,
     max_steps: MaxSteps = None,
     max_minutes: MaxMinutes = None,
@@ -36,12 +38,13 @@ def synth_fit(
     """Learn a table from scratch: schema inferred (identifier, free-text and mixed-type columns
     excluded with a warning), rows as tokens in random column orders, a small transformer.
 
-    Example: genlab synth fit patients.csv --out runs/synth --max-steps 800
+    Example: genlab synth fit patients.csv --out runs/synth --max-steps 800 [--dp-epsilon 8]
     """
     from genlab.synth.model import fit_table
 
     overrides = dict(out=str(out_dir) if out_dir else None, preset=preset, permutations=permutations,
-                     max_categories=max_categories, max_levels=max_levels, batch_size=batch_size, max_steps=max_steps,
+                     max_categories=max_categories, max_levels=max_levels, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+                     batch_size=batch_size, max_steps=max_steps,
                      max_minutes=max_minutes, lr=lr, eval_every=eval_every, seed=seed, device=device)
     result = fit_table(data, config_file=config, resume=resume, console=err, **overrides)
     print(result.model_dir)

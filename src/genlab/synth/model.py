@@ -49,6 +49,10 @@ class SynthConfig(TrainConfig):
     checkpoint_every: int = 400
     samples: int = 0
     val_fraction: float = 0.05
+    dp_epsilon: float | None = None  # set: train with DP-SGD (synth/dp.py) to this privacy budget
+    dp_delta: float | None = None  # None: 1 / (10 * rows)
+    dp_max_grad_norm: float = 1.0  # each row's gradient is clipped to this L2 norm
+    dp_batch_rows: int = 64  # expected rows per DP-SGD step (Poisson sampling)
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,7 +107,8 @@ def fit_table(data: pd.DataFrame | str | Path, config: SynthConfig | None = None
     n_val = max(1, int(round(len(texts) * cfg.val_fraction)))
     longest = RowGrammar(tok).max_length()
     seq_len = max(cfg.seq_len, longest)
-    train = PackedExamples(table_examples([texts[i] for i in order[n_val:]], tok, cfg.permutations, rng), seq_len)
+    train_examples = table_examples([texts[i] for i in order[n_val:]], tok, cfg.permutations, rng)
+    train = PackedExamples(train_examples, seq_len)
     val = PackedExamples(table_examples([texts[i] for i in order[:n_val]], tok, 1, rng), seq_len)
     model_cfg = replace(preset(cfg.preset), vocab_size=len(tok), max_seq_len=seq_len)
     torch.manual_seed(cfg.seed)
@@ -113,12 +118,20 @@ def fit_table(data: pd.DataFrame | str | Path, config: SynthConfig | None = None
         f"{train.examples:,} training sequences of <= {longest} tokens; {d.world} process(es) on {d.device}")
     fingerprint = {"model": model_cfg.to_dict(), "schema": schema.to_dict(), "rows": len(df), "seed": cfg.seed,
                    "permutations": cfg.permutations, "global_batch": cfg.batch_size * cfg.grad_accum * d.world}
+    if cfg.dp_epsilon is not None and (d.world > 1 or resume):
+        raise InvalidParameterError("differentially private fitting (--dp-epsilon) runs in one process and cannot resume")
     trainer = Trainer(cfg, module, train, val, out, d, fingerprint, console)
     start = trainer.resume_step() if resume else 0
     if d.is_main:
         cfg.save(out / "config.yaml")
     before = trainer.evaluate() if not resume else float("nan")
-    result = trainer.run(start, initial_val_loss=None if resume else before)
+    privacy = None
+    if cfg.dp_epsilon is None:
+        result = trainer.run(start, initial_val_loss=None if resume else before)
+    else:
+        rows = [[ids for ids, _ in train_examples[i : i + cfg.permutations]]
+                for i in range(0, len(train_examples), cfg.permutations)]
+        result, privacy = _train_private(cfg, trainer, rows, before, out, log)
     model_dir = out / "model"
     info = {"rows": len(df), "columns": schema.names(), "excluded": schema.excluded,
             "source": str(data) if not isinstance(data, pd.DataFrame) else "DataFrame"}
@@ -126,12 +139,51 @@ def fit_table(data: pd.DataFrame | str | Path, config: SynthConfig | None = None
         meta = {"codec": tok.to_dict(), "model_config": model_cfg.to_dict(),
                 "provenance": {"created_by": "genlab synth fit", "config": cfg.to_dict(), "data": info},
                 "metrics": {"val_loss": result.val_loss, "train_loss": result.train_loss, "steps": result.step}}
+        if privacy:
+            meta["privacy"] = privacy
         io.save(model_dir, trainer.raw.eval(), tok, meta=meta, generation={})
         log(f"done: {result.step} steps in {result.seconds:.0f}s; validation loss {before:.3f} -> "
             f"{result.val_loss:.3f} nats/token; table model -> {model_dir}")
     distributed.barrier(d)
     distributed.teardown()
     return SynthRunResult(out, model_dir, result, before, schema, len(df), info)
+
+
+def _train_private(cfg: SynthConfig, trainer: Trainer, rows: list[list[np.ndarray]], before: float, out: Path,
+                   log) -> tuple[Result, dict]:
+    """DP-SGD instead of the trainer's loop (one table row = one privacy unit); the spent epsilon
+    is what the model folder records."""
+    import json
+    import time
+
+    from genlab.fsutil import atomic_write_text
+    from genlab.synth.dp import DPConfig, train_dp
+    from genlab.train.curves import plot_curves
+
+    dp_cfg = DPConfig(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_max_grad_norm, cfg.dp_batch_rows)
+    row_tokens = float(np.mean([sum(len(ids) for ids in row) for row in rows]))
+    records, tokens, start = [{"step": 0, "tokens": 0, "val_loss": before}], [0.0], time.perf_counter()
+
+    def on_step(step: int, loss: float, sampled: int) -> None:
+        tokens[0] += sampled * row_tokens
+        if step % cfg.log_every == 0 and math.isfinite(loss):
+            records.append({"step": step, "tokens": int(tokens[0]), "loss": loss})
+
+    dp = train_dp(trainer.raw, rows, dp_cfg, steps=cfg.max_steps, lr=cfg.lr, seed=cfg.seed, warmup_steps=cfg.warmup_steps,
+                  weight_decay=cfg.weight_decay, log=log, log_every=max(cfg.log_every, 50), on_step=on_step)
+    val_loss = trainer.evaluate()
+    records.append({"step": dp.steps, "tokens": int(tokens[0]), "val_loss": val_loss})
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    plot_curves(records, out / "loss.png", title=f"DP-SGD table model (epsilon {dp.epsilon_spent:.2f})")
+    finite = [x for x in dp.losses[-50:] if math.isfinite(x)]
+    seconds = time.perf_counter() - start
+    result = Result(dp.steps, int(tokens[0]), float(np.mean(finite)) if finite else float("nan"), val_loss, seconds,
+                    tokens[0] / max(seconds, 1e-9))
+    log(f"DP-SGD: spent epsilon {dp.epsilon_spent:.3f} (delta {dp.delta:.3g}, noise multiplier "
+        f"{dp.noise_multiplier:.3f}, {dp.clipped_fraction:.0%} of row gradients clipped)")
+    privacy = dp.to_dict() | {"not_covered": "the schema (column kinds, ranges, categories and levels) is read from "
+                                             "the data as is, and the recorded validation loss uses held-out rows"}
+    return result, privacy
 
 
 def parse_where(conditions: list[str] | dict | None) -> tuple[dict[str, str], dict[str, tuple]]:
