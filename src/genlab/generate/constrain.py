@@ -9,8 +9,10 @@ is the shortest text that completes the object.
 
 from __future__ import annotations
 
+import bisect
 import re
 import weakref
+from typing import Callable
 
 import torch
 
@@ -41,6 +43,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 _UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte-fallback tokens
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def token_bytes(tokenizer) -> list[bytes]:
@@ -67,6 +70,41 @@ def token_bytes(tokenizer) -> list[bytes]:
             out.append(tokenizer.convert_tokens_to_string([tok]).encode())
     _CACHE[tokenizer] = out
     return out
+
+
+def _sorted_tokens(tokenizer) -> tuple[list[bytes], list[int]]:
+    """The tokens' bytes, sorted (specials left out), and their ids."""
+    if tokenizer not in _SORTED:
+        pairs = sorted((b, i) for i, b in enumerate(token_bytes(tokenizer)) if b)
+        _SORTED[tokenizer] = ([b for b, _ in pairs], [i for _, i in pairs])
+    return _SORTED[tokenizer]
+
+
+def accepted_tokens(tokenizer, step: Callable[[object, int], object], state) -> list[int]:
+    """Ids of every token whose bytes a byte automaton accepts from `state` (`step(state, byte)`
+    gives the next state, None on a byte it rejects): an exact mask over the whole vocabulary.
+
+    Tokens sharing a prefix form a run of the sorted vocabulary, so it is walked like a trie
+    without building one: each distinct byte at a depth is stepped once, and a rejected byte
+    prunes its whole run. The cost follows the accepted continuations, not the vocabulary size.
+    """
+    keys, ids = _sorted_tokens(tokenizer)
+    found: list[int] = []
+
+    def walk(state, lo: int, hi: int, depth: int) -> None:
+        while lo < hi and len(keys[lo]) == depth:  # tokens that end here
+            found.append(ids[lo])
+            lo += 1
+        while lo < hi:
+            b = keys[lo][depth]
+            end = bisect.bisect_left(keys, keys[lo][:depth] + bytes([b + 1]), lo, hi) if b < 255 else hi
+            after = step(state, b)
+            if after is not None:
+                walk(after, lo, end, depth + 1)
+            lo = end
+
+    walk(state, 0, len(keys), 0)
+    return found
 
 
 def _number_step(mode: int, b: int) -> int | None:

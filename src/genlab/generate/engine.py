@@ -51,9 +51,10 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_token_ids or [0])[0]
         self.vocab_size = base_module(module).config.vocab_size
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 constraints: list | None = None) -> list[Completion]:
         completions = None
-        for completions, _ in self.run(prompts, params, stream_text=bool(params.stop)):
+        for completions, _ in self.run(prompts, params, stream_text=bool(params.stop), constraints=constraints):
             pass
         return completions
 
@@ -63,8 +64,15 @@ class Engine:
                 yield deltas
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], params: SamplingParams, stream_text: bool):
-        """Yield (completions, deltas of this step) after every decoding step."""
+    def run(self, prompts: list[list[int]], params: SamplingParams, stream_text: bool, constraints: list | None = None):
+        """Yield (completions, deltas of this step) after every decoding step.
+
+        `constraints`: constrained decoding, one object per completion (row i * n + j is sample j
+        of prompt i) with the interface of generate.constrain.JsonObjectConstraint: `mask(logits)`
+        restricts the row's next token, `advance(token)` feeds the chosen one, and the row stops once
+        it is `complete`. A row cut by max_new_tokens ends with "length"; a caller that needs a
+        complete output appends the constraint's `closing()`. Logprobs stay the model's own.
+        """
         if not prompts:
             raise InvalidParameterError("no prompts given")
         limit = self.backend.max_seq_len
@@ -74,6 +82,8 @@ class Engine:
             if len(p) >= limit:
                 raise ContextLengthError(f"prompt {i} has {len(p)} tokens; the model's context is {limit} tokens")
         rows = [(i, j) for i, _ in enumerate(prompts) for j in range(params.n)]
+        if constraints is not None and len(constraints) != len(rows):
+            raise InvalidParameterError(f"{len(constraints)} constraints for {len(rows)} completions")
         base_seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**62)
         sampler = RowSampler([params] * len(rows), [base_seed + j for _, j in rows], self.vocab_size, self.backend.device)
         completions = [Completion(i, j, len(prompts[i]), logprobs=[] if params.logprobs else None,
@@ -86,7 +96,7 @@ class Engine:
         logits = self.backend.prefill(ids, valid, ids.shape[1] + budget)
         sampler.observe(ids, valid)
         for step in range(budget):
-            tokens = sampler(logits)
+            tokens = sampler(self._constrain(logits, constraints, completions) if constraints else logits)
             sampler.observe(tokens[:, None])
             hit_stop = torch.isin(tokens, stop_ids)
             chosen = self._logprobs(logits, tokens, params)
@@ -105,6 +115,9 @@ class Engine:
                     if streams:
                         text = streams[r].add(tok)
                         reason = "stop" if streams[r].stopped else None
+                    if constraints:
+                        constraints[r].advance(tok)
+                        reason = "stop" if constraints[r].complete else reason
                 if reason is None and step == budget - 1:
                     reason = "length"
                 if reason and streams:
@@ -118,6 +131,14 @@ class Engine:
                 return
             yield completions, deltas
             logits = self.backend.decode(tokens)
+
+    @staticmethod
+    def _constrain(logits: torch.Tensor, constraints: list, completions: list[Completion]) -> torch.Tensor:
+        masked = logits.clone()  # the raw logits still give the logprobs
+        for r, (constraint, c) in enumerate(zip(constraints, completions)):
+            if not c.finish_reason:
+                masked[r] = constraint.mask(logits[r])
+        return masked
 
     def _finish(self, completions, streams):
         for r, c in enumerate(completions):

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from genlab.errors import InvalidParameterError
+
 from genlab.cli_options import (
     Preset, BatchSize, Config, EvalEvery, Lr, MaxMinutes, MaxSteps, Out, Resume, TrainDevice, TrainSeed, err, out,
 )
@@ -21,6 +23,7 @@ def synth_fit(
     out_dir: Out = None,
     config: Config = None,
     preset: Preset = None,
+    base: Annotated[Optional[str], typer.Option(help="Fine-tune this foundation model (a local HF or genlab text model folder, LoRA) on the rows as GReaT text instead of training a small model from scratch.")] = None,
     permutations: Annotated[Optional[int], typer.Option(help="Random column orders per training row.")] = None,
     max_categories: Annotated[Optional[int], typer.Option(help="More distinct strings than this: a free-text column (excluded).")] = None,
     max_levels: Annotated[Optional[int], typer.Option(help="Number columns with at most this many distinct values (4+ rows each) write one token per value (0: always spell numbers).")] = None,
@@ -40,6 +43,17 @@ def synth_fit(
 
     Example: genlab synth fit patients.csv --out runs/synth --max-steps 800 [--dp-epsilon 8]
     """
+    if base:
+        from genlab.synth.text_table import fit_text_table
+
+        if dp_epsilon is not None or config or resume:
+            raise InvalidParameterError("--base fine-tunes a text model; --dp-epsilon, --config and --resume are for "
+                                        "table models trained from scratch")
+        options = {k: v for k, v in dict(permutations=permutations, max_categories=max_categories, max_levels=max_levels,
+                                          batch_size=batch_size, max_steps=max_steps, max_minutes=max_minutes, lr=lr,
+                                          eval_every=eval_every, seed=seed, device=device).items() if v is not None}
+        print(fit_text_table(data, base, out_dir or "runs/synth-text", console=err, **options).model_dir)
+        return
     from genlab.synth.model import fit_table
 
     overrides = dict(out=str(out_dir) if out_dir else None, preset=preset, permutations=permutations,
@@ -71,12 +85,15 @@ def synth_sample(
 
     from genlab.data.tables import read_table
     from genlab.fsutil import atomic_write_text
-    from genlab.synth.model import TableModel
+    from genlab.synth.model import TableModel, load_table_model
 
+    table_model = load_table_model(model, device=device)
     excluded = read_table(no_copies_of) if no_copies_of else None
+    if excluded is not None and not isinstance(table_model, TableModel):
+        raise InvalidParameterError("--no-copies-of works with table models fitted from scratch (not with --base)")
+    copies = {"no_copies_of": excluded} if excluded is not None else {}
     start = time.perf_counter()
-    rows = TableModel.load(model, device=device).sample(n, where=where, seed=seed, batch_size=batch_size,
-                                                        temperature=temperature, no_copies_of=excluded)
+    rows = table_model.sample(n, where=where, seed=seed, batch_size=batch_size, temperature=temperature, **copies)
     seconds = time.perf_counter() - start
     if excluded is not None:
         dropped = rows.attrs["copies_dropped"]

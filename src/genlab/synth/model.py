@@ -186,6 +186,16 @@ def _train_private(cfg: SynthConfig, trainer: Trainer, rows: list[list[np.ndarra
     return result, privacy
 
 
+def load_table_model(path: str | Path, device: str = "cpu"):
+    """A table model folder: from scratch (TableModel) or a fine-tuned text model (TextTableModel)."""
+    meta = Path(path) / "genlab.json"
+    if meta.exists() and (io.read_json(meta).get("codec") or {}).get("type") == "table":
+        return TableModel.load(path, device)
+    from genlab.synth.text_table import TextTableModel
+
+    return TextTableModel.load(path, device=device)
+
+
 def parse_where(conditions: list[str] | dict | None) -> tuple[dict[str, str], dict[str, tuple]]:
     """`["sex=F", "age=40..60", "income=..5000"]` -> fixed values and (low, high) ranges."""
     if isinstance(conditions, dict):
