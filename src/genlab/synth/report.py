@@ -312,7 +312,8 @@ def privacy(train: pd.DataFrame, synth: pd.DataFrame, holdout: pd.DataFrame,
 # ------------------------------------------------------------------------------------------- report
 SUMMARY_KEYS = {"fidelity": ("shape", "pair_trends", "overall"),
                 "utility": ("real", "synthetic", "gap_points"),
-                "privacy": ("exact_copies", "dcr_synthetic_median", "dcr_holdout_median",
+                "privacy": ("exact_copies", "exact_copy_share", "holdout_exact_copy_share", "dcr_synthetic_median",
+                            "dcr_holdout_median",
                             "share_closer_than_holdout_median", "nndr_synthetic_median", "mia_auc")}
 
 
