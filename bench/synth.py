@@ -5,6 +5,7 @@ and a Gaussian copula; sampling speed against the 1,000 rows/s floor on this mac
 
     python bench/synth.py                        # ~12 minutes on 2 cores (2,500 steps)
     python bench/synth.py --max-steps 2000 --table randhie --target mdvis
+    python bench/synth.py --model runs/bench-synth/model/model   # score / time a fitted model again
 
 Floors (issue 9, randhie): shape >= 0.85, pair trends >= 0.80, utility within 5 points of real,
 zero exact copies, synthetic->train DCR median >= holdout->train DCR median, membership-inference
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=2500)
     ap.add_argument("--batch-size", type=int, default=1024, help="rows sampled together")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", help="a table model folder fitted on this split before (skips fitting)")
     args = ap.parse_args()
 
     import numpy as np
@@ -47,10 +49,14 @@ def main() -> None:
     cut = int(len(df) * 0.8)
     train, holdout = df.iloc[order[:cut]].reset_index(drop=True), df.iloc[order[cut:]].reset_index(drop=True)
     t0 = time.perf_counter()
-    run = fit_table(train, out=str(out / "model"), preset=args.preset, max_steps=args.max_steps, device=args.device,
-                    console=console)
+    if args.model:
+        model_dir, val_loss = Path(args.model), None
+    else:
+        run = fit_table(train, out=str(out / "model"), preset=args.preset, max_steps=args.max_steps, device=args.device,
+                        console=console)
+        model_dir, val_loss = run.model_dir, run.result.val_loss
     fit_s = time.perf_counter() - t0
-    model = TableModel.load(run.model_dir, device=args.device)
+    model = TableModel.load(model_dir, device=args.device)
     model.sample(256, seed=99, batch_size=256)  # warm-up
     t0 = time.perf_counter()
     raw = model.sample(len(train), seed=1, batch_size=args.batch_size)
@@ -86,7 +92,7 @@ def main() -> None:
     checks["sampling >= 1,000 rows/s"] = rows_per_s >= 1000
     summary = {"date": str(date.today()), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
                "table": args.table, "rows_train": len(train), "rows_holdout": len(holdout), "fit_s": round(fit_s, 1),
-               "val_loss": run.result.val_loss, "rows_per_s": round(rows_per_s), "ratio_vs_floor": round(rows_per_s / 1000, 2),
+               "val_loss": val_loss, "rows_per_s": round(rows_per_s), "ratio_vs_floor": round(rows_per_s / 1000, 2),
                "copula_rows_per_s": round(copula_rows_per_s), "copies_before_filter": raw_copies,
                "copies_before_filter_share": round(raw_copies / len(raw), 4),
                "holdout_rows_equal_to_a_train_row_share": round(holdout_copies / len(holdout), 4),
