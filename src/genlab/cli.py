@@ -19,6 +19,8 @@ from genlab.cli_options import (
     err, out,
 )
 from genlab.errors import GenlabError
+from genlab.image.cli import image_app
+from genlab.music.cli import music_app
 from genlab.series.cli import series_app
 from genlab.synth.cli import synth_app
 
@@ -38,6 +40,8 @@ reward_app = typer.Typer(no_args_is_help=True, help="Reward models trained on re
 app.add_typer(reward_app, name="reward")
 app.add_typer(series_app, name="series")
 app.add_typer(synth_app, name="synth")
+app.add_typer(image_app, name="image")
+app.add_typer(music_app, name="music")
 
 
 def _adapters(specs: list[str] | None) -> dict[str, str]:

@@ -210,7 +210,7 @@ def load(path_or_id: str | Path, dtype: torch.dtype | None = None, device: str =
 
 
 def load_codec(folder: Path, meta: dict):
-    """The folder's token codec: a text tokenizer, or the series / table codec genlab.json names."""
+    """The folder's token codec: a text tokenizer, or the series / table / text-image codec genlab.json names."""
     spec = meta.get("codec") or {"type": "text"}
     if spec.get("type") == "series":
         from genlab.codecs.series import SeriesCodec
@@ -223,6 +223,10 @@ def load_codec(folder: Path, meta: dict):
         from genlab.synth.grammar import TableTokenizer
 
         return TableTokenizer.from_folder(folder)
+    if spec.get("type") == "text-image":
+        from genlab.image.codec import TextImageCodec
+
+        return TextImageCodec.from_folder(folder, spec)
     from genlab.codecs.text import load_tokenizer
 
     return load_tokenizer(folder)

@@ -1,0 +1,146 @@
+"""Text-to-image on 2 CPU cores, end to end, against the issue-10 floor.
+
+    OMP_NUM_THREADS=2 python bench/image.py --threads 2                      # everything (~25 min)
+    python bench/image.py --tokenizer runs/bench-image/tokenizer --checker runs/bench-image/checker
+
+1. scenes: a folder of captioned 32x32 train-split scenes (png + txt, `data/scenes.write_folder`);
+2. the image tokenizer (FSQ, 8x8 codes of 1000) trained on 2,000 of them, unless --tokenizer;
+3. the scene checker (trained on train-split renders only), unless --checker;
+4. `fit_image_model` on the folder, as `genlab image train` runs it (a --max-minutes guard);
+5. evaluation on held-out caption combinations and on train-split captions: compositional
+   accuracy (floor: >= 0.70 held-out), per requirement and per held-out combination, FID and
+   joint FID (checker features + caption vector) against independent real renders, next to real
+   renders with true captions (the ceiling), the SHUFFLED-CAPTION baseline (real renders paired
+   with other scenes' captions) and the same model at guidance 0 (unconditional) and 1;
+6. results.json, and grid.png: several held-out captions (and "a cat wearing sunglasses").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GRID_CAPTIONS = [
+    "a cat wearing sunglasses",
+    "a cat wearing sunglasses and a hat",  # held out: both accessories at once
+    "a red square left of a blue circle",  # held out: red square, blue circle
+    "a yellow square",  # held out
+    "a green triangle left of an orange circle",  # held out: triangle left of circle
+    "a sun above a cat",  # held out arrangement
+    "a tree left of a cat",  # held out arrangement
+    "a large blue circle",  # held out colour-shape pair, with a size
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench-image")
+    ap.add_argument("--images", type=int, default=20000, help="captioned training scenes")
+    ap.add_argument("--tokenizer", help="an existing image tokenizer folder (skip training one)")
+    ap.add_argument("--checker", help="an existing scene checker folder (skip training one)")
+    ap.add_argument("--preset", default="2m")
+    ap.add_argument("--max-steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--max-minutes", type=float, default=15.0, help="training stops cleanly after this long")
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--captions", type=int, default=300, help="evaluation captions per split")
+    ap.add_argument("--per-caption", type=int, default=2, help="images generated per evaluation caption")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from rich.console import Console
+
+    from genlab.data import scenes as S
+    from genlab.evaluate.scene_checker import SceneChecker
+    from genlab.fsutil import write_json
+    from genlab.image.evaluate import evaluate_image_model, summary_rows, to_json
+    from genlab.image.grid import save_grid
+    from genlab.image.model import ImageModel, fit_image_model
+
+    console = Console(stderr=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    data = out / f"scenes-{args.images}"
+    if not data.exists():
+        S.write_folder(data, args.images, "train", seed=args.seed)
+    seconds["scenes"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tok_dir = Path(args.tokenizer) if args.tokenizer else out / "tokenizer"
+    if not args.tokenizer:
+        from genlab.image.train import train_image_tokenizer
+
+        images, _, _ = S.make_dataset(2000, "train", seed=args.seed + 1)
+        res = train_image_tokenizer(images, tok_dir, steps=1500, batch_size=32, lr=3e-3, seed=args.seed, console=console)
+        console.print(res.summary())
+    seconds["tokenizer"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if args.checker:
+        checker = SceneChecker.load(args.checker)
+    else:
+        checker = SceneChecker.train(steps=800, seed=args.seed, progress=True)
+        checker.save(out / "checker")
+    seconds["checker"] = time.perf_counter() - t
+
+    t, cpu = time.perf_counter(), time.process_time()
+    run = out / "t2i"
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    fit = fit_image_model(data, tok_dir, run, preset=args.preset, max_steps=args.max_steps, batch_size=args.batch_size,
+                          lr=args.lr, max_minutes=args.max_minutes, guidance=args.guidance, seed=args.seed,
+                          eval_every=500, checkpoint_every=1000, samples=8, console=console)
+    seconds["t2i_total"] = time.perf_counter() - t
+    seconds["t2i_training_loop"] = fit.result.seconds
+    seconds["t2i_cpu"] = time.process_time() - cpu
+
+    t = time.perf_counter()
+    model = ImageModel.load(fit.model_dir)
+    result = evaluate_image_model(model, checker, n_captions=args.captions, n_per_caption=args.per_caption,
+                                  guidance=args.guidance, compare_guidance=(0.0, 1.0), seed=args.seed)
+    seconds["evaluate"] = time.perf_counter() - t
+    grid = model.generate(GRID_CAPTIONS, n=6, guidance=args.guidance, seed=args.seed)
+    save_grid(grid, out / "grid.png", columns=6, labels=GRID_CAPTIONS)
+
+    held, train = result["heldout"], result["train"]
+    print(f"\ntext-to-image {args.preset}: {fit.result.step} steps x {args.batch_size} sequences on {fit.images:,} "
+          f"captioned scenes, {fit.result.seconds:.0f} s training loop ({torch.get_num_threads()} thread(s)); "
+          f"validation loss {fit.val_loss_before:.3f} -> {fit.result.val_loss:.3f} nats/token")
+    print(f"{'split':8} {'images':44} {'accuracy':>9} {'FID':>8} {'joint FID':>10}")
+    for split, label, acc, f, jf in summary_rows(result):
+        print(f"{split:8} {label:44} {acc:9.3f} {f:8.2f} {jf:10.2f}")
+    print("held-out accuracy per combination:", _fmt(held["model"]["by_combination"]))
+    print("held-out accuracy per requirement:", _fmt(held["model"]["requirements"]))
+    print("train-split accuracy per requirement:", _fmt(train["model"]["requirements"]))
+    floor = held["model"]["accuracy"] >= 0.70
+    budget = fit.result.seconds <= 15 * 60
+    print(f"floor: held-out compositional accuracy {held['model']['accuracy']:.3f} >= 0.70: "
+          f"{'MET' if floor else 'NOT MET'}; training loop {fit.result.seconds / 60:.1f} min <= 15: "
+          f"{'yes' if budget else 'NO'}")
+    print("seconds:", _fmt(seconds, 0))
+    report = {"args": vars(args), "steps": fit.result.step, "val_loss": fit.result.val_loss,
+              "val_loss_before": fit.val_loss_before, "seconds": seconds, "floor_met": bool(floor),
+              "within_budget": bool(budget), "threads": torch.get_num_threads(), "evaluation": to_json(result)}
+    write_json(out / "results.json", json.loads(json.dumps(report)))
+    print(f"wrote {out}/results.json, {out}/grid.png, {run}/samples.png, {run}/loss.png")
+
+
+def _fmt(d: dict, digits: int = 3) -> str:
+    return "  ".join(f"{k} {v:.{digits}f}" for k, v in d.items())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""`genlab image ...`: train and evaluate the image tokenizer (images -> grids of codes -> images);
+train a text-to-image model on captioned images and generate images from captions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from genlab.cli_options import (
+    BatchSize, CkptEvery, Config, EvalEvery, Lr, MaxMinutes, MaxSteps, Out, Preset, Resume, TrainDevice, TrainSeed, err, out,
+)
+from genlab.errors import InvalidParameterError
+
+image_app = typer.Typer(no_args_is_help=True, help="Images as tokens: the FSQ image tokenizer and text-to-image models.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and evaluate the image tokenizer (images <-> code grids).")
+image_app.add_typer(tokenizer_app, name="tokenizer")
+
+Folder = Annotated[Path, typer.Argument(help="Folder of images (png, jpg, webp, bmp; searched recursively).")]
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise InvalidParameterError(f"--levels takes comma-separated integers such as 8,5,5,5; got {text!r}") from None
+    return levels
+
+
+def _read(folder: Path, size: int):
+    from genlab.data.images import read_image_folder
+
+    found = read_image_folder(folder, size=size, captions="none", warn=lambda m: err.print(f"[yellow]note:[/] {m}"))
+    err.print(f"read {len(found.images)} images from {folder} as {size}x{size} RGB")
+    return found
+
+
+def _report(m: dict, title: str) -> Table:
+    table = Table("reconstruction", "pixel MSE", "PSNR (dB)", title=title, title_justify="left")
+    table.add_row("tokenizer (codes -> pixels)", f"{m['mse']:.5f}", f"{m['psnr']:.2f}")
+    if "untrained_mse" in m:
+        table.add_row("untrained tokenizer", f"{m['untrained_mse']:.5f}", f"{m['untrained_psnr']:.2f}")
+    table.add_row("baseline: mean colour per image", f"{m['baseline_mean_colour_mse']:.5f}",
+                  f"{m['baseline_mean_colour_psnr']:.2f}")
+    g = m["grid"]
+    table.add_row(f"baseline: {g[0]}x{g[1]} full-colour thumbnail", f"{m['baseline_thumbnail_mse']:.5f}",
+                  f"{m['baseline_thumbnail_psnr']:.2f}")
+    return table
+
+
+@tokenizer_app.command("train")
+def image_tokenizer_train(
+    folder: Folder,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Tokenizer folder (also gets metrics.jsonl, loss.png, reconstructions.png).")],
+    size: Annotated[int, typer.Option(help="Images are centre-cropped to a square and resized to SIZE x SIZE.")] = 32,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay to 10%).")] = 3e-3,
+    levels: Annotated[str, typer.Option(help="FSQ levels per latent channel; the codebook is their product.")] = "8,5,5,5",
+    width: Annotated[int, typer.Option(help="Channels at the grid resolution (a multiple of 8).")] = 64,
+    downsample: Annotated[int, typer.Option(help="Stride-2 stages: the code grid is SIZE / 2**DOWNSAMPLE on a side.")] = 2,
+    blocks: Annotated[int, typer.Option(help="Residual blocks per resolution (more: sharper, slower).")] = 0,
+    holdout: Annotated[float, typer.Option(help="Fraction of images held out for the reconstruction report.")] = 0.1,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop cleanly after this many minutes.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and batches.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+):
+    """Train an image tokenizer (conv encoder + FSQ + conv decoder) on a folder of images.
+
+    Reports how well it reconstructs held-out images (MSE, PSNR, codebook use) against two
+    baselines, and writes originals vs reconstructions as a PNG.
+
+    Example: genlab image tokenizer train scenes/ --out runs/image-tok --size 32 --steps 1500
+    """
+    from genlab.codecs.image import ImageCodecConfig
+    from genlab.image.train import train_image_tokenizer
+
+    config = ImageCodecConfig(size=size, levels=_levels(levels), width=width, downsample=downsample, blocks=blocks)
+    found = _read(folder, size)
+    err.print(f"codebook {config.levels} = {math.prod(config.levels)} codes; "
+              f"{config.grid[0]}x{config.grid[1]} = {config.grid[0] * config.grid[1]} tokens per image")
+    result = train_image_tokenizer(found.images, out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                   console=err, config=config, holdout=holdout, max_minutes=max_minutes, device=device)
+    m = result.metrics
+    out.print(_report(m, f"{m['heldout_images']} held-out images; {result.steps} steps in {result.seconds:.0f} s on "
+                          f"{m['train_images']} training images"))
+    out.print(f"codebook: {m['codes_used']} of {m['codebook_size']} codes used on held-out images "
+              f"({m['usage']:.0%}), perplexity {m['perplexity']:.0f}")
+    out.print(f"wrote {out_dir} (image_codec.json, image_codec.safetensors, metrics.jsonl, tokenizer_eval.json), "
+              f"{result.files['loss_png']} and {result.files['reconstructions_png']}")
+
+
+@tokenizer_app.command("eval")
+def image_tokenizer_eval(
+    tokenizer: Annotated[Path, typer.Argument(help="Image tokenizer folder (from `genlab image tokenizer train`).")],
+    folder: Folder,
+    grid_png: Annotated[Path, typer.Option("--out", "-o", help="PNG of originals above their reconstructions.")] = Path("reconstructions.png"),
+    show: Annotated[int, typer.Option(help="Images in the PNG.")] = 16,
+):
+    """Reconstruct every image in a folder with a trained tokenizer: MSE, PSNR, codebook use.
+
+    Example: genlab image tokenizer eval runs/image-tok my-images/ --out recon.png
+    """
+    from genlab.codecs.image import ImageTokenizer, codebook_stats, psnr
+    from genlab.image.train import comparison_grid, mean_colour_mse, thumbnail_mse
+
+    if show < 1:
+        raise InvalidParameterError("--show must be at least 1")
+    tok = ImageTokenizer.from_folder(tokenizer)
+    images = _read(folder, tok.config.size).images
+    codes = tok.encode(images)
+    recon = tok.decode(codes)
+    mse = float(((recon.astype("float64") - images) ** 2).mean() / 255 ** 2)
+    base_mean, base_thumb = mean_colour_mse(images), thumbnail_mse(images, tok.grid)
+    m = {"mse": mse, "psnr": psnr(mse), "grid": list(tok.grid), "baseline_mean_colour_mse": base_mean,
+         "baseline_mean_colour_psnr": psnr(base_mean), "baseline_thumbnail_mse": base_thumb,
+         "baseline_thumbnail_psnr": psnr(base_thumb), **codebook_stats(codes, tok.codebook_size)}
+    out.print(_report(m, f"{len(images)} images, {tok.tokens_per_image} tokens each"))
+    out.print(f"codebook: {m['codes_used']} of {tok.codebook_size} codes used ({m['usage']:.0%}), "
+              f"perplexity {m['perplexity']:.0f}")
+    comparison_grid(images[:show], recon[:show], grid_png)
+    out.print(f"wrote {grid_png}")
+
+
+@image_app.command("train")
+def image_train(
+    folder: Annotated[Path, typer.Argument(help="Folder of images with captions: NAME.txt beside each image, or a captions.csv (file, caption).")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Image tokenizer folder (genlab image tokenizer train).")],
+    out_dir: Out = None,
+    config: Config = None,
+    preset: Preset = None,
+    caption_dropout: Annotated[Optional[float], typer.Option(help="Fraction of draws trained with the empty caption (what classifier-free guidance needs; 0.1 by default).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Default guidance scale recorded in the model folder (3 by default).")] = None,
+    batch_size: BatchSize = None,
+    max_steps: MaxSteps = None,
+    max_minutes: MaxMinutes = None,
+    lr: Lr = None,
+    eval_every: EvalEvery = None,
+    checkpoint_every: CkptEvery = None,
+    seed: TrainSeed = None,
+    device: TrainDevice = None,
+    resume: Resume = False,
+):
+    """Train a text-to-image model on a folder of captioned images.
+
+    Each image becomes BOS caption SEP image codes EOS, learned by genlab's transformer and
+    trainer (progress bar, metrics.jsonl, loss.png, checkpoints, --resume); captions are dropped
+    at random so classifier-free guidance works. Writes OUT/model and OUT/samples.png.
+
+    Example: genlab image train scenes/ --tokenizer runs/image-tok --out runs/t2i --max-steps 3000 --preset 2m
+    """
+    from genlab.image.model import fit_image_model
+
+    overrides = dict(out=str(out_dir) if out_dir else None, preset=preset, caption_dropout=caption_dropout,
+                     guidance=guidance, batch_size=batch_size, max_steps=max_steps, max_minutes=max_minutes, lr=lr,
+                     eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, device=device)
+    result = fit_image_model(folder, tokenizer, config_file=config, resume=resume, console=err, **overrides)
+    print(result.model_dir)
+
+
+@image_app.command("generate")
+def image_generate(
+    model: Annotated[Path, typer.Argument(help="Text-to-image model folder (genlab image train).")],
+    captions: Annotated[list[str], typer.Argument(help="One or more captions (one row of the grid each).")],
+    n: Annotated[int, typer.Option("-n", help="Images per caption (the grid's columns).")] = 4,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG grid: one row per caption.")] = Path("grid.png"),
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance: 0 = ignore the caption, 1 = no guidance, >1 = follow it harder (default: the model's, 3).")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely image codes (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Same seed -> same images.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images decoded together.")] = 64,
+    scale: Annotated[int, typer.Option(help="Enlarge each image this many times in the grid.")] = 4,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+):
+    """Generate images from captions (classifier-free guidance) as a PNG grid.
+
+    Example: genlab image generate runs/t2i/model "a cat wearing sunglasses" "a red square left of a blue circle" -n 4 --out grid.png --guidance 3 --seed 1
+    """
+    import time
+
+    from genlab.image.grid import save_grid
+    from genlab.image.model import ImageModel
+
+    if out_file.suffix.lower() != ".png":
+        raise InvalidParameterError(f"--out must name a .png file, got {str(out_file)!r}")
+    if scale < 1:
+        raise InvalidParameterError("--scale must be at least 1")
+    image_model = ImageModel.load(model, device=device)
+    start = time.perf_counter()
+    images = image_model.generate(captions, n=n, guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    save_grid(images, out_file, columns=n, labels=captions, scale=scale)
+    g = image_model.default_guidance if guidance is None else guidance
+    out.print(f"{len(images)} images ({len(captions)} caption(s) x {n}, guidance {g:g}) in {seconds:.1f}s -> {out_file}")

@@ -1,0 +1,317 @@
+"""Text-to-image as next-token prediction: `genlab image train` and `genlab image generate`.
+
+Fitting reads captioned images (a folder with sidecar .txt files or a captions.csv, or arrays),
+encodes every image once with a trained image tokenizer (codecs/image.py), builds the caption
+word vocabulary, and trains genlab's transformer from scratch in the shared loop on
+BOS caption SEP codes EOS (image/codec.py), with the loss on the image codes and EOS only.
+Caption dropout replaces a caption by the empty one (each image appears `views` times per pass
+over the data, each time with its own seeded draws), which teaches the unconditional model that
+classifier-free guidance needs; word dropout replaces single words by <unk>, which teaches what
+an unknown word means (nothing) and keeps any one word from carrying a whole caption.
+
+Generation runs the conditional prompt (BOS caption SEP) and the unconditional one (BOS SEP)
+of every sample in one batch through the KV cache; at each of the 64 steps the image-code logits
+are mixed as uncond + g * (cond - uncond) (g = 0: unconditional, g = 1: conditional only), the
+engine's temperature / top-k / top-p apply, and only image codes can be drawn. The k-th sample
+of a caption uses seed + k, so a seeded request gives the same images whatever shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from genlab.errors import DataError, InvalidParameterError
+from genlab.image.codec import BOS, EOS, PAD, SEP, CaptionVocab, TextImageCodec
+from genlab.model import io
+from genlab.model.presets import preset
+from genlab.model.transformer import KVCache, Transformer
+from genlab.train import distributed
+from genlab.train.batches import IGNORE
+from genlab.train.config import TrainConfig
+from genlab.train.loop import Result, Trainer
+
+
+@dataclass
+class ImageModelConfig(TrainConfig):
+    out: str = "runs/t2i"
+    preset: str = "2m"
+    caption_dropout: float = 0.1  # fraction of draws whose caption is replaced by the empty one (CFG)
+    word_dropout: float = 0.1  # fraction of caption words replaced by <unk> in each draw
+    views: int = 4  # each image's appearances per pass over the data, each with its own dropout draws
+    caption_attention: str = "words"  # "words": caption words see only BOS and themselves; "causal"
+    max_caption_tokens: int = 64  # longer captions are cut (counted in the log)
+    lowercase: bool = True  # captions are lowercased before splitting into words
+    caption_words: int = 8192  # vocabulary size cap (most frequent words; the rest are <unk>)
+    min_word_count: int = 1  # words seen fewer times are <unk>
+    guidance: float = 3.0  # default classifier-free guidance recorded in generation_config.json
+    batch_size: int = 32
+    max_steps: int = 3000
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    eval_every: int = 250
+    checkpoint_every: int = 500
+    val_fraction: float = 0.02
+    samples: int = 8  # validation captions drawn into samples.png after training (0: none)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.caption_dropout < 1 or not 0 <= self.word_dropout < 1:
+            raise InvalidParameterError("caption_dropout and word_dropout must be in [0, 1)")
+        if self.caption_attention not in ("words", "causal"):
+            raise InvalidParameterError(f"caption_attention must be words or causal, not {self.caption_attention!r}")
+        if self.views < 1 or self.max_caption_tokens < 1 or self.guidance < 0:
+            raise InvalidParameterError("views and max_caption_tokens must be >= 1 and guidance >= 0")
+
+
+@dataclass
+class ImageRunResult:
+    out: Path
+    model_dir: Path
+    result: Result
+    val_loss_before: float
+    images: int
+    data: dict = field(default_factory=dict)
+
+
+class CaptionedCodes:
+    """Training rows for the Trainer: row r is image r % n in view r // n (len = views * n).
+    Each view draws, seeded, whether the caption is dropped and which words become <unk>. A row
+    is one sequence padded to seq_len; targets are the image codes and EOS (-100 elsewhere);
+    `mask` is the codec's attention mask when it is not plain causal attention."""
+
+    def __init__(self, caption_ids: list[list[int]], codes: np.ndarray, seq_len: int, codec: TextImageCodec,
+                 dropout: float = 0.0, word_dropout: float = 0.0, views: int = 1, seed: int = 0):
+        self.caption_ids, self.codec = caption_ids, codec
+        self.codes = np.asarray(codes, dtype=np.int64) + codec.image_offset
+        self.n, self.views, self.seq_len = len(caption_ids), views, seq_len
+        rng = np.random.default_rng([seed, 17])
+        self.dropped = rng.random((views, self.n)) < dropout
+        longest = max((len(c) for c in caption_ids), default=0)
+        self.unknown = rng.random((views, self.n, longest)) < word_dropout
+
+    def __len__(self) -> int:
+        return self.n * self.views
+
+    def sequence(self, row: int) -> list[int]:
+        view, i = divmod(int(row), self.n)
+        caption = [] if self.dropped[view, i] else self.caption_ids[i]
+        caption = [self.codec.unk_id if u else w for w, u in zip(caption, self.unknown[view, i])]
+        return [BOS, *caption, SEP, *self.codes[i].tolist(), EOS]
+
+    def get(self, rows) -> dict[str, torch.Tensor]:
+        t = self.seq_len
+        ids = np.full((len(rows), t), PAD, dtype=np.int64)
+        targets = np.full((len(rows), t), IGNORE, dtype=np.int64)
+        for k, row in enumerate(rows):
+            seq = self.sequence(row)
+            n, sep = len(seq) - 1, seq.index(SEP)
+            ids[k, :n] = seq[:-1]
+            targets[k, sep:n] = seq[sep + 1:]  # what follows SEP: the codes and EOS
+        batch = {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets)}
+        mask = self.codec.attention_mask(batch["input_ids"])  # padding only after EOS: no key mask needed
+        if mask is not None:
+            batch["mask"] = mask
+        return batch
+
+
+def read_captioned(data) -> tuple[np.ndarray, list[str], str]:
+    """(images, captions, description) from a folder or an (images, captions) pair."""
+    if isinstance(data, (str, Path)):
+        from genlab.data.images import read_image_folder
+
+        found = read_image_folder(data, captions="required")
+        return found.images, list(found.captions), str(data)
+    try:
+        images, captions = data
+    except (TypeError, ValueError):
+        raise InvalidParameterError("data must be a folder or an (images, captions) pair") from None
+    images = np.asarray(images)
+    captions = list(captions)
+    if len(images) != len(captions):
+        raise DataError(f"{len(images)} images but {len(captions)} captions")
+    empty = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
+    if empty:
+        raise DataError(f"image {empty[0]} has no caption ({len(empty)} in all); every training image needs one")
+    return images, captions, "arrays"
+
+
+def fit_image_model(data, tokenizer_dir, out: str | Path | None = None, config: ImageModelConfig | None = None,
+                    config_file: str | Path | None = None, resume: bool = False, console: Console | None = None,
+                    **overrides) -> ImageRunResult:
+    """Train a text-to-image model on captioned images (folder or (images, captions) pair) with
+    the image tokenizer in `tokenizer_dir`. OUT/ gets model/, caption_tokenizer/, checkpoints/,
+    config.yaml, metrics.jsonl, loss.png and samples.png."""
+    from genlab.codecs.image import ImageTokenizer
+
+    if out is not None:
+        overrides["out"] = str(out)
+    cfg = config or ImageModelConfig.load(config_file, **overrides)
+    console = console or Console(stderr=True)
+    image_tok = ImageTokenizer.from_folder(tokenizer_dir)
+    images, captions, source = read_captioned(data)
+    size = image_tok.config.size
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
+        raise DataError(f"images must be uint8 [N, {size}, {size}, 3] for this tokenizer; got {images.dtype} {images.shape}")
+    if len(images) < 2:
+        raise DataError(f"training needs at least 2 captioned images (one for validation); got {len(images)}")
+    d, log, out = distributed.start(cfg, resume, console)
+    caption_dir = out / "caption_tokenizer"
+    if resume and caption_dir.exists():
+        vocab = CaptionVocab.from_folder(caption_dir)  # the run's own: a resumed run keeps its vocabulary
+    else:
+        vocab = CaptionVocab.train(captions, cfg.lowercase, cfg.caption_words, cfg.min_word_count)
+        if d.is_main:
+            vocab.save_pretrained(caption_dir)
+    codec = TextImageCodec(vocab, image_tok, cfg.max_caption_tokens, cfg.caption_attention)
+    codes = image_tok.encode(images).reshape(len(images), -1)  # once, batched, no grad
+    full = [codec.caption_ids(c) for c in captions]
+    cut = sum(len(vocab.encode(c)) > cfg.max_caption_tokens for c in set(captions))
+    if cut:
+        log(f"[yellow]warning:[/] {cut} distinct captions are longer than {cfg.max_caption_tokens} tokens and were cut")
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(images))
+    n_val = min(len(images) - 1, max(1, int(round(len(images) * cfg.val_fraction))))
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    seq_len = max(len(c) for c in full) + codec.tokens_per_image + 2  # inputs: the sequence minus its last token
+    train = CaptionedCodes([full[i] for i in train_idx], codes[train_idx], seq_len, codec, cfg.caption_dropout,
+                           cfg.word_dropout, cfg.views, cfg.seed)
+    val = CaptionedCodes([full[i] for i in val_idx], codes[val_idx], seq_len, codec)  # full captions: conditional loss
+    model_cfg = replace(preset(cfg.preset), vocab_size=len(codec), max_seq_len=codec.max_length)
+    torch.manual_seed(cfg.seed)
+    module = Transformer(model_cfg).init_weights(cfg.seed)
+    log(f"text-to-image model {cfg.preset}: {module.num_params() / 1e6:.2f}M parameters, vocabulary {len(codec)} "
+        f"({codec.text_vocab} caption words + {codec.codebook_size} image codes + 4 special); {len(train_idx):,} training and "
+        f"{n_val:,} validation images, {len(set(captions)):,} distinct captions, {seq_len + 1} tokens per sequence; "
+        f"caption dropout {cfg.caption_dropout}, word dropout {cfg.word_dropout}; {d.world} process(es) on {d.device}")
+    fingerprint = {"model": model_cfg.to_dict(), "codec": codec.to_dict(), "images": len(images), "seed": cfg.seed,
+                   "caption_dropout": cfg.caption_dropout, "word_dropout": cfg.word_dropout, "views": cfg.views,
+                   "global_batch": cfg.batch_size * cfg.grad_accum * d.world}
+    cfg.seq_len = seq_len
+    trainer = Trainer(cfg, module, train, val, out, d, fingerprint, console)
+    start = trainer.resume_step() if resume else 0
+    if d.is_main:
+        cfg.save(out / "config.yaml")
+    before = trainer.evaluate() if not resume else float("nan")
+    result = trainer.run(start, initial_val_loss=None if resume else before)
+    model_dir = out / "model"
+    info = {"images": len(images), "train_images": len(train_idx), "val_images": n_val, "source": source,
+            "distinct_captions": len(set(captions))}
+    if d.is_main:
+        meta = {"codec": codec.to_dict(), "model_config": model_cfg.to_dict(),
+                "provenance": {"created_by": "genlab image train", "config": cfg.to_dict(), "data": info,
+                               "image_tokenizer": str(tokenizer_dir)},
+                "metrics": {"val_loss": result.val_loss, "train_loss": result.train_loss, "steps": result.step,
+                            "val_loss_before": before, "seconds": result.seconds}}
+        io.save(model_dir, trainer.raw.eval(), codec, meta=meta, generation={"guidance": cfg.guidance})
+        log(f"done: {result.step} steps in {result.seconds:.0f}s; validation loss {before:.3f} -> "
+            f"{result.val_loss:.3f} nats/token; text-to-image model -> {model_dir}")
+        if cfg.samples:
+            from genlab.image.grid import save_grid
+
+            shown = list(dict.fromkeys(captions[i] for i in val_idx))[: cfg.samples]
+            model = ImageModel.load(model_dir, device="cpu")
+            pictures = model.generate(shown, n=4, guidance=cfg.guidance, seed=cfg.seed)
+            save_grid(pictures, out / "samples.png", columns=4, labels=shown)
+    distributed.barrier(d)
+    distributed.teardown()
+    return ImageRunResult(out, model_dir, result, before, len(images), info)
+
+
+class ImageModel:
+    """A trained text-to-image model: captions in, uint8 images out."""
+
+    def __init__(self, module: Transformer, codec: TextImageCodec, device: str = "cpu",
+                 generation: dict | None = None, pack: bool = True):
+        self.module, self.codec, self.device = module.eval(), codec, torch.device(device)
+        if pack:
+            self.module.pack_for_inference()
+        self.default_guidance = float((generation or {}).get("guidance", 3.0))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "ImageModel":
+        loaded = io.load(path, dtype=torch.float32, device=device)
+        if not isinstance(loaded.tokenizer, TextImageCodec):
+            raise InvalidParameterError(f"{path}: not a text-to-image model (genlab.json names no text-image codec); "
+                                        "train one with `genlab image train`")
+        loaded.tokenizer.image.to(device)
+        return cls(loaded.module, loaded.tokenizer, device, loaded.generation)
+
+    def generate(self, captions: str | list[str], n: int = 4, guidance: float | None = None, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64) -> np.ndarray:
+        """uint8 images [len(captions) * n, S, S, 3]: caption i's samples are rows i*n ... i*n+n-1.
+
+        guidance: classifier-free guidance scale (None: the model folder's default; 0 =
+        unconditional, 1 = conditional without guidance). Seeds: a caption's k-th sample in the
+        request (counting repeats of the same caption) uses seed + k, so results do not depend on
+        batch_size or on the other captions, and a repeated caption gets new samples."""
+        codes = self.generate_codes(captions, n, guidance, temperature, top_k, top_p, seed, batch_size)
+        return self.codec.image.decode(codes.reshape(len(codes), *self.codec.image.grid))
+
+    @torch.inference_mode()
+    def generate_codes(self, captions: str | list[str], n: int = 4, guidance: float | None = None,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                       batch_size: int = 64) -> np.ndarray:
+        """Image codes [len(captions) * n, h*w] (the image tokenizer's code ids)."""
+        from genlab.generate.sampling import SamplingParams
+
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        guidance = self.default_guidance if guidance is None else float(guidance)
+        if not captions or any(not isinstance(c, str) for c in captions):
+            raise InvalidParameterError("give at least one caption (a string; \"\" = unconditional)")
+        if not isinstance(n, int) or n < 1 or batch_size < 1:
+            raise InvalidParameterError("n and batch_size must be integers >= 1")
+        if not np.isfinite(guidance) or guidance < 0:
+            raise InvalidParameterError(f"guidance must be >= 0 (0 = unconditional, 1 = no guidance); got {guidance}")
+        params = SamplingParams(max_new_tokens=self.codec.tokens_per_image, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed)  # validates the sampling controls
+        seen: dict[str, int] = {}
+        rows = []
+        for c in captions:
+            rows += [(c, params.seed + seen.get(c, 0) + j) for j in range(n)]
+            seen[c] = seen.get(c, 0) + n
+        out = [self._batch(rows[i:i + batch_size], guidance, params) for i in range(0, len(rows), batch_size)]
+        return np.concatenate(out)
+
+    def _batch(self, rows: list[tuple[str, int]], guidance: float, params) -> np.ndarray:
+        """Codes for rows of (caption, seed)."""
+        from genlab.generate.backends import additive, left_pad
+        from genlab.generate.sampling import RowSampler
+
+        codec, b, steps = self.codec, len(rows), self.codec.tokens_per_image
+        # g = 0 needs only the unconditional stream, g = 1 only the conditional one; else both, in one batch
+        cond = [] if guidance == 0 else [codec.prompt(c) for c, _ in rows]
+        uncond = [] if guidance == 1 else [codec.prompt("")] * b
+        streams = len(cond + uncond) // b
+        sampler = RowSampler([params] * b, [s for _, s in rows], codec.codebook_size, self.device)
+        ids, valid = left_pad(cond + uncond, PAD, self.device)
+        t, dtype = ids.shape[1], self.module.lm_head.weight.dtype
+        cache = KVCache(self.module.config, len(ids), t + steps, self.device, dtype)
+        keys = torch.zeros(len(ids), t + steps, dtype=torch.bool, device=self.device)
+        keys[:, :t] = valid
+        positions = (valid.cumsum(1) - 1).clamp_min(0)  # left padding: each prompt starts at position 0
+        mask = additive(codec.attention_mask(ids, valid), dtype)
+        logits = self.module(ids, positions, cache, torch.arange(t, device=self.device), t, mask, last_only=True)
+        lo, hi = codec.image_offset, codec.image_offset + codec.codebook_size
+        chosen = torch.empty(b, steps, dtype=torch.long, device=self.device)
+        next_pos = valid.sum(1, keepdim=True)
+        for step in range(steps):
+            scores = logits[:, -1, lo:hi].float()  # only image codes can be drawn
+            if streams == 2:
+                scores = scores[b:] + guidance * (scores[:b] - scores[b:])
+            token = sampler(scores)
+            chosen[:, step] = token
+            if step == steps - 1:
+                break
+            slot = t + step
+            keys[:, slot] = True
+            step_mask = additive(keys[:, None, None, : slot + 1], dtype)
+            logits = self.module((token + lo).repeat(streams)[:, None], next_pos, cache,
+                                 torch.tensor([slot], device=self.device), slot + 1, step_mask)
+            next_pos = next_pos + 1
+        return chosen.cpu().numpy()
