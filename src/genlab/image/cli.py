@@ -133,7 +133,8 @@ def image_train(
     config: Config = None,
     preset: Preset = None,
     caption_dropout: Annotated[Optional[float], typer.Option(help="Fraction of draws trained with the empty caption (what classifier-free guidance needs; 0.1 by default).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Default guidance scale recorded in the model folder (3 by default).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Default guidance scale recorded in the model folder (2 by default).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Default sampling temperature recorded in the model folder (0.8 by default).")] = None,
     batch_size: BatchSize = None,
     max_steps: MaxSteps = None,
     max_minutes: MaxMinutes = None,
@@ -155,8 +156,9 @@ def image_train(
     from genlab.image.model import fit_image_model
 
     overrides = dict(out=str(out_dir) if out_dir else None, preset=preset, caption_dropout=caption_dropout,
-                     guidance=guidance, batch_size=batch_size, max_steps=max_steps, max_minutes=max_minutes, lr=lr,
-                     eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, device=device)
+                     guidance=guidance, temperature=temperature, batch_size=batch_size, max_steps=max_steps,
+                     max_minutes=max_minutes, lr=lr, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                     seed=seed, device=device)
     result = fit_image_model(folder, tokenizer, config_file=config, resume=resume, console=err, **overrides)
     print(result.model_dir)
 
@@ -167,8 +169,8 @@ def image_generate(
     captions: Annotated[list[str], typer.Argument(help="One or more captions (one row of the grid each).")],
     n: Annotated[int, typer.Option("-n", help="Images per caption (the grid's columns).")] = 4,
     out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG grid: one row per caption.")] = Path("grid.png"),
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance: 0 = ignore the caption, 1 = no guidance, >1 = follow it harder (default: the model's, 3).")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance: 0 = ignore the caption, 1 = no guidance, >1 = follow it harder (default: the model's).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature, 0 = greedy (default: the model's).")] = None,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely image codes (0 = off).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
     seed: Annotated[int, typer.Option(help="Same seed -> same images.")] = 0,
@@ -190,10 +192,15 @@ def image_generate(
     if scale < 1:
         raise InvalidParameterError("--scale must be at least 1")
     image_model = ImageModel.load(model, device=device)
+    unknown = sorted({w for c in captions for w in image_model.codec.vocab.unknown(c)})
+    if unknown:
+        err.print(f"[yellow]note:[/] words the model never saw are left out: {', '.join(unknown)}", highlight=False)
     start = time.perf_counter()
     images = image_model.generate(captions, n=n, guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed, batch_size=batch_size)
     seconds = time.perf_counter() - start
     save_grid(images, out_file, columns=n, labels=captions, scale=scale)
     g = image_model.default_guidance if guidance is None else guidance
-    out.print(f"{len(images)} images ({len(captions)} caption(s) x {n}, guidance {g:g}) in {seconds:.1f}s -> {out_file}")
+    t = image_model.default_temperature if temperature is None else temperature
+    out.print(f"{len(images)} images ({len(captions)} caption(s) x {n}, guidance {g:g}, temperature {t:g}) in "
+              f"{seconds:.1f}s -> {out_file}")

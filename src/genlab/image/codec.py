@@ -2,24 +2,17 @@
 
     BOS  caption words  SEP  64 image codes (raster order)  EOS
 
-Ids: 0 pad, 1 BOS, 2 SEP ("begin image"), 3 EOS; then the caption vocabulary (offset 4, its
-first entry <unk>); then the image tokenizer's codes (offset 4 + caption vocabulary). An empty
+Ids: 0 pad, 1 BOS, 2 SEP ("begin image"), 3 EOS; then the caption words (offset 4); then the
+image tokenizer's codes (offset 4 + caption vocabulary). An empty
 caption (BOS SEP ...) is the unconditional prompt that caption dropout trains and
 classifier-free guidance uses.
 
-Captions use a word vocabulary (lowercased words and punctuation marks seen in the training
-captions, most frequent first, capped) rather than a BPE: a word is the unit a caption composes
-("red" + "square"), and a word the training captions never show becomes <unk>, whose meaning
-("some word, ignore it") word dropout teaches during training. A BPE would instead split an
-unseen word into pieces whose embeddings were never trained (on the scene captions, "and" would
-become "an" + "d": a stray article and an untrained byte).
-
-`caption_attention` = "words" (the default) lets each caption word attend only to BOS and to
-itself, while SEP and the image codes attend to everything before them: the image positions
-then read each word's own representation, in-distribution even when the *combination* of words
-is new (a contextual encoding of "red square" is out of distribution when the training captions
-never pair them); word order still reaches them through the rotary positions. "causal" is the
-plain causal mask. Either way the weights are a plain Llama model; the mask is part of the codec.
+Captions use a word vocabulary (lowercased words and punctuation marks of the training captions,
+most frequent first, capped) rather than a BPE: a word is the unit a caption composes ("red" +
+"square"), and a word the training captions never show is left out of the prompt (`unknown`
+lists them) instead of being split into pieces whose embeddings were never trained (a BPE
+trained on the scene captions turns the unseen "and" into "an" + "d": a stray article and an
+untrained byte).
 
 A model folder holds the vocabulary in `caption_tokenizer/caption_vocab.json` and the image
 tokenizer in `image_tokenizer/`; its genlab.json names the codec {"type": "text-image", ...},
@@ -40,10 +33,8 @@ from genlab.errors import InvalidParameterError, ModelLoadError
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<image>", "<eos>")
-UNK = "<unk>"
 CAPTION_DIR, IMAGE_DIR, VOCAB_FILE = "caption_tokenizer", "image_tokenizer", "caption_vocab.json"
 CODEC_TYPE = "text-image"
-ATTENTION_MODES = ("words", "causal")
 WORD = re.compile(r"[\w']+|[^\w\s]")  # words (with apostrophes) and single punctuation marks
 
 
@@ -52,11 +43,10 @@ def split_words(text: str, lowercase: bool = True) -> list[str]:
 
 
 class CaptionVocab:
-    """Words <-> ids; id 0 is <unk>."""
+    """Words <-> ids (0 ... len - 1); words outside the vocabulary are dropped when encoding."""
 
     def __init__(self, words: list[str], lowercase: bool = True):
-        self.words = [UNK] + [w for w in words if w != UNK]
-        self.lowercase = lowercase
+        self.words, self.lowercase = list(dict.fromkeys(words)), lowercase
         self.index = {w: i for i, w in enumerate(self.words)}
 
     def __len__(self) -> int:
@@ -66,13 +56,17 @@ class CaptionVocab:
     def train(cls, captions: list[str], lowercase: bool = True, max_words: int = 8192, min_count: int = 1) -> "CaptionVocab":
         """The `max_words` most frequent words seen at least `min_count` times (ties by first use)."""
         counts = Counter(w for c in captions if c for w in split_words(c, lowercase))
-        if not counts:
+        ranked = [w for w, n in counts.most_common() if n >= min_count][:max_words]
+        if not ranked:
             raise InvalidParameterError("no words in the captions to build a vocabulary from")
-        ranked = [w for w, n in counts.most_common() if n >= min_count][: max(1, max_words - 1)]
         return cls(ranked, lowercase)
 
     def encode(self, text: str) -> list[int]:
-        return [self.index.get(w, 0) for w in split_words(text, self.lowercase)]
+        return [self.index[w] for w in split_words(text, self.lowercase) if w in self.index]
+
+    def unknown(self, text: str) -> list[str]:
+        """The words of `text` that the vocabulary lacks (encode leaves them out)."""
+        return [w for w in split_words(text, self.lowercase) if w not in self.index]
 
     def decode(self, ids) -> str:
         return " ".join(self.words[i] for i in ids)
@@ -100,17 +94,11 @@ class TextImageCodec:
 
     bos_token_id, eos_token_id, pad_token_id, sep_token_id = BOS, EOS, PAD, SEP
 
-    def __init__(self, vocab: CaptionVocab, image_tokenizer, max_caption_tokens: int = 64,
-                 caption_attention: str = "words"):
+    def __init__(self, vocab: CaptionVocab, image_tokenizer, max_caption_tokens: int = 64):
         if max_caption_tokens < 1:
             raise InvalidParameterError("max_caption_tokens must be >= 1")
-        if caption_attention not in ATTENTION_MODES:
-            raise InvalidParameterError(f"caption_attention must be one of {', '.join(ATTENTION_MODES)}, "
-                                        f"not {caption_attention!r}")
-        self.vocab, self.image = vocab, image_tokenizer
-        self.max_caption_tokens, self.caption_attention = int(max_caption_tokens), caption_attention
+        self.vocab, self.image, self.max_caption_tokens = vocab, image_tokenizer, int(max_caption_tokens)
         self.text_offset = len(SPECIALS)
-        self.unk_id = self.text_offset  # the vocabulary's entry 0
         self.text_vocab = len(vocab)
         self.image_offset = self.text_offset + self.text_vocab
         self.codebook_size = image_tokenizer.codebook_size
@@ -160,30 +148,22 @@ class TextImageCodec:
             raise InvalidParameterError("ids outside the image-code range")
         return ids - self.image_offset
 
-    def attention_mask(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Boolean [B, 1, T, T] (True = may attend) for token ids [B, T] whose padding is
-        marked False in `valid` (None: no padding, or only after EOS). None when plain causal
-        attention is exactly it."""
-        if self.caption_attention == "causal" and valid is None:
-            return None
+    def attention_mask(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, 1, T, T] (True = may attend): causal, padding (False in `valid` [B, T])
+        never attended to; a padding query attends to itself, so no softmax row is empty."""
         t = ids.shape[1]
         eye = torch.eye(t, dtype=torch.bool, device=ids.device)
-        mask = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril().expand(len(ids), t, t)
-        if valid is not None:
-            mask = mask & valid[:, None, :]
-        if self.caption_attention == "words":
-            word = (ids >= self.text_offset) & (ids < self.image_offset)
-            mask = mask & (~word[:, :, None] | (ids == BOS)[:, None, :] | eye)
-        return (mask | eye)[:, None]  # a padding query attends to itself: no empty softmax row
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+        return ((causal & valid[:, None, :]) | eye)[:, None]
 
     # --- folders -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"type": CODEC_TYPE, "layout": list(SPECIALS) + ["caption words (<unk> first)", "image codes"],
+        return {"type": CODEC_TYPE, "layout": list(SPECIALS) + ["caption words", "image codes"],
                 "text_offset": self.text_offset, "text_vocab": self.text_vocab, "image_offset": self.image_offset,
                 "codebook_size": self.codebook_size, "tokens_per_image": self.tokens_per_image,
                 "grid": list(self.image.grid), "image_size": self.image.config.size, "lowercase": self.vocab.lowercase,
-                "max_caption_tokens": self.max_caption_tokens, "caption_attention": self.caption_attention,
-                "caption_tokenizer": CAPTION_DIR, "image_tokenizer": IMAGE_DIR}
+                "max_caption_tokens": self.max_caption_tokens, "caption_tokenizer": CAPTION_DIR,
+                "image_tokenizer": IMAGE_DIR}
 
     def save_pretrained(self, folder) -> None:
         self.vocab.save_pretrained(Path(folder) / CAPTION_DIR)
@@ -198,7 +178,7 @@ class TextImageCodec:
         vocab = CaptionVocab.from_folder(folder / spec.get("caption_tokenizer", CAPTION_DIR))
         image = ImageTokenizer.from_folder(folder / spec.get("image_tokenizer", IMAGE_DIR), device=device)
         try:
-            codec = cls(vocab, image, spec.get("max_caption_tokens", 64), spec.get("caption_attention", "words"))
+            codec = cls(vocab, image, spec.get("max_caption_tokens", 64))
         except InvalidParameterError as e:
             raise ModelLoadError(f"{folder / 'genlab.json'}: {e}") from None
         for key in ("text_vocab", "codebook_size", "image_offset"):

@@ -9,11 +9,12 @@ generates `n_per_caption` images for each caption and reports:
   kind, and on the held-out split per kind of held-out combination;
 - FID and joint FID (image features + the caption's vector, `scene_checker.joint_fid`) of the
   generated images against an independent set of real renders of the same split;
-- anchors measured the same way: real renders of the same captions (the checker's ceiling and
-  the FID noise floor); the SHUFFLED-CAPTION baseline = those real renders paired with the
-  captions of other scenes (perfect images that ignore their caption: plain FID cannot see
-  this, joint FID and accuracy do); the model's own images paired with shuffled captions; and
-  each extra guidance scale in `compare_guidance` (0 = the unconditional model).
+- anchors measured the same way: real renders of other scenes of the split with their true
+  captions (the checker's ceiling and the FID noise floor); the SHUFFLED-CAPTION baseline =
+  those real renders paired with the captions of other scenes (perfect images that ignore their
+  caption: plain FID cannot see this, joint FID and accuracy do); the model's own images paired
+  with shuffled captions; and each extra guidance scale in `compare_guidance` (0 = the
+  unconditional model).
 """
 
 from __future__ import annotations
@@ -53,42 +54,44 @@ def evaluate_split(model, checker, split: str = "heldout", n_captions: int = 300
 
     if n_captions < 2 or n_per_caption < 1:
         raise InvalidParameterError("n_captions must be >= 2 and n_per_caption >= 1")
-    offset = {"heldout": 0, "train": 1, "all": 2}[split]
-    real, captions, specs = S.make_dataset(n_captions, split, seed=20_000 + 10 * seed + offset)
-    ref, _, ref_specs = S.make_dataset(n_captions * n_per_caption, split, seed=30_000 + 10 * seed + offset)
+    if split not in ("heldout", "train"):
+        raise InvalidParameterError(f"split must be heldout or train, not {split!r}")
+    offset, n = (0 if split == "heldout" else 1), n_captions * n_per_caption
+    _, captions, specs = S.make_dataset(n_captions, split, seed=20_000 + 10 * seed + offset)
+    real, _, real_specs = S.make_dataset(n, split, seed=30_000 + 10 * seed + offset)  # the anchors
+    ref, _, ref_specs = S.make_dataset(n, split, seed=40_000 + 10 * seed + offset)  # the FID reference
     specs = [s for s in specs for _ in range(n_per_caption)]  # one per generated image
-    real = np.repeat(real, n_per_caption, axis=0)
-    wanted = [c for c in captions for _ in range(n_per_caption)]
     feats_ref, conds_ref = checker.features(ref), condition_vectors(ref_specs)
-    conds = condition_vectors(specs)
-    shuffle = np.random.default_rng(seed + 7).permutation(len(specs))
-    shuffled = [specs[i] for i in shuffle]
-    out: dict = {"split": split, "captions": n_captions, "images": len(specs), "guidance": guidance}
+    conds, real_conds = condition_vectors(specs), condition_vectors(real_specs)
+    shuffle = np.random.default_rng(seed + 7).permutation(n)  # a derangement in practice (n >= 2)
+    out: dict = {"split": split, "captions": n_captions, "images": n, "guidance": guidance}
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
     t0 = time.perf_counter()
     images = model.generate(captions, n=n_per_caption, guidance=guidance, **sampling)
     out["generate_seconds"] = round(time.perf_counter() - t0, 1)
     out["model"] = _score(checker, images, specs, feats_ref, conds_ref, conds)
-    out["model_shuffled_captions"] = _score(checker, images, shuffled, feats_ref, conds_ref, conds[shuffle])
-    out["real"] = _score(checker, real, specs, feats_ref, conds_ref, conds)
-    out["real_shuffled_captions"] = _score(checker, real, shuffled, feats_ref, conds_ref, conds[shuffle])
+    out["model_shuffled_captions"] = _score(checker, images, [specs[i] for i in shuffle], feats_ref, conds_ref,
+                                            conds[shuffle])
+    out["real"] = _score(checker, real, real_specs, feats_ref, conds_ref, real_conds)
+    out["real_shuffled_captions"] = _score(checker, real, [real_specs[i] for i in shuffle], feats_ref, conds_ref,
+                                           real_conds[shuffle])
     if split == "heldout":
         out["model"]["by_combination"] = _by_combination(checker, images, specs)
-        out["real"]["by_combination"] = _by_combination(checker, real, specs)
+        out["real"]["by_combination"] = _by_combination(checker, real, real_specs)
     for g in compare_guidance:
         if g != guidance:
             other = model.generate(captions, n=n_per_caption, guidance=g, **sampling)
             out[f"guidance_{g:g}"] = _score(checker, other, specs, feats_ref, conds_ref, conds)
     out["images_array"] = images
-    out["captions_list"] = wanted
+    out["captions_list"] = [c for c in captions for _ in range(n_per_caption)]
     return out
 
 
 def evaluate_image_model(model, checker, n_captions: int = 300, n_per_caption: int = 2, guidance: float = 3.0,
                          compare_guidance: tuple[float, ...] = (0.0,), splits: tuple[str, ...] = ("heldout", "train"),
                          seed: int = 0, **sampling) -> dict:
-    """{split: scores} for each split (see `evaluate_split`); arrays are left out of the result
-    except the generated images under "images" / "captions" per split."""
+    """{split: scores} for each split (see `evaluate_split`); each split's generated images and
+    their captions are under "images_array" and "captions_list" (`to_json` drops them)."""
     return {split: evaluate_split(model, checker, split, n_captions, n_per_caption, guidance, compare_guidance,
                                   seed, **sampling) for split in splits}
 

@@ -5,9 +5,8 @@ encodes every image once with a trained image tokenizer (codecs/image.py), build
 word vocabulary, and trains genlab's transformer from scratch in the shared loop on
 BOS caption SEP codes EOS (image/codec.py), with the loss on the image codes and EOS only.
 Caption dropout replaces a caption by the empty one (each image appears `views` times per pass
-over the data, each time with its own seeded draws), which teaches the unconditional model that
-classifier-free guidance needs; word dropout replaces single words by <unk>, which teaches what
-an unknown word means (nothing) and keeps any one word from carrying a whole caption.
+over the data, each time with its own seeded draw), which teaches the unconditional model that
+classifier-free guidance needs.
 
 Generation runs the conditional prompt (BOS caption SEP) and the unconditional one (BOS SEP)
 of every sample in one batch through the KV cache; at each of the 64 steps the image-code logits
@@ -41,14 +40,13 @@ class ImageModelConfig(TrainConfig):
     out: str = "runs/t2i"
     preset: str = "2m"
     caption_dropout: float = 0.1  # fraction of draws whose caption is replaced by the empty one (CFG)
-    word_dropout: float = 0.1  # fraction of caption words replaced by <unk> in each draw
-    views: int = 4  # each image's appearances per pass over the data, each with its own dropout draws
-    caption_attention: str = "words"  # "words": caption words see only BOS and themselves; "causal"
+    views: int = 4  # each image's appearances per pass over the data, each with its own dropout draw
     max_caption_tokens: int = 64  # longer captions are cut (counted in the log)
     lowercase: bool = True  # captions are lowercased before splitting into words
-    caption_words: int = 8192  # vocabulary size cap (most frequent words; the rest are <unk>)
-    min_word_count: int = 1  # words seen fewer times are <unk>
-    guidance: float = 3.0  # default classifier-free guidance recorded in generation_config.json
+    caption_words: int = 8192  # vocabulary size cap (the most frequent words; others are left out)
+    min_word_count: int = 1  # words seen fewer times are left out of the vocabulary
+    guidance: float = 2.0  # default classifier-free guidance recorded in generation_config.json
+    temperature: float = 0.8  # default sampling temperature recorded there
     batch_size: int = 32
     max_steps: int = 3000
     lr: float = 3e-3
@@ -61,12 +59,10 @@ class ImageModelConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.caption_dropout < 1 or not 0 <= self.word_dropout < 1:
-            raise InvalidParameterError("caption_dropout and word_dropout must be in [0, 1)")
-        if self.caption_attention not in ("words", "causal"):
-            raise InvalidParameterError(f"caption_attention must be words or causal, not {self.caption_attention!r}")
-        if self.views < 1 or self.max_caption_tokens < 1 or self.guidance < 0:
-            raise InvalidParameterError("views and max_caption_tokens must be >= 1 and guidance >= 0")
+        if not 0 <= self.caption_dropout < 1:
+            raise InvalidParameterError("caption_dropout must be in [0, 1)")
+        if self.views < 1 or self.max_caption_tokens < 1 or self.guidance < 0 or self.temperature < 0:
+            raise InvalidParameterError("views and max_caption_tokens must be >= 1, guidance and temperature >= 0")
 
 
 @dataclass
@@ -81,19 +77,16 @@ class ImageRunResult:
 
 class CaptionedCodes:
     """Training rows for the Trainer: row r is image r % n in view r // n (len = views * n).
-    Each view draws, seeded, whether the caption is dropped and which words become <unk>. A row
-    is one sequence padded to seq_len; targets are the image codes and EOS (-100 elsewhere);
-    `mask` is the codec's attention mask when it is not plain causal attention."""
+    Each view draws, seeded, whether the caption is dropped. A row is one sequence padded (after
+    EOS, so causal attention never sees the padding) to seq_len; targets are the image codes and
+    EOS (-100 elsewhere)."""
 
-    def __init__(self, caption_ids: list[list[int]], codes: np.ndarray, seq_len: int, codec: TextImageCodec,
-                 dropout: float = 0.0, word_dropout: float = 0.0, views: int = 1, seed: int = 0):
-        self.caption_ids, self.codec = caption_ids, codec
-        self.codes = np.asarray(codes, dtype=np.int64) + codec.image_offset
+    def __init__(self, caption_ids: list[list[int]], codes: np.ndarray, seq_len: int, image_offset: int,
+                 dropout: float = 0.0, views: int = 1, seed: int = 0):
+        self.caption_ids = caption_ids
+        self.codes = np.asarray(codes, dtype=np.int64) + image_offset
         self.n, self.views, self.seq_len = len(caption_ids), views, seq_len
-        rng = np.random.default_rng([seed, 17])
-        self.dropped = rng.random((views, self.n)) < dropout
-        longest = max((len(c) for c in caption_ids), default=0)
-        self.unknown = rng.random((views, self.n, longest)) < word_dropout
+        self.dropped = np.random.default_rng([seed, 17]).random((views, self.n)) < dropout
 
     def __len__(self) -> int:
         return self.n * self.views
@@ -101,7 +94,6 @@ class CaptionedCodes:
     def sequence(self, row: int) -> list[int]:
         view, i = divmod(int(row), self.n)
         caption = [] if self.dropped[view, i] else self.caption_ids[i]
-        caption = [self.codec.unk_id if u else w for w, u in zip(caption, self.unknown[view, i])]
         return [BOS, *caption, SEP, *self.codes[i].tolist(), EOS]
 
     def get(self, rows) -> dict[str, torch.Tensor]:
@@ -113,11 +105,7 @@ class CaptionedCodes:
             n, sep = len(seq) - 1, seq.index(SEP)
             ids[k, :n] = seq[:-1]
             targets[k, sep:n] = seq[sep + 1:]  # what follows SEP: the codes and EOS
-        batch = {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets)}
-        mask = self.codec.attention_mask(batch["input_ids"])  # padding only after EOS: no key mask needed
-        if mask is not None:
-            batch["mask"] = mask
-        return batch
+        return {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets)}
 
 
 def read_captioned(data) -> tuple[np.ndarray, list[str], str]:
@@ -168,7 +156,7 @@ def fit_image_model(data, tokenizer_dir, out: str | Path | None = None, config: 
         vocab = CaptionVocab.train(captions, cfg.lowercase, cfg.caption_words, cfg.min_word_count)
         if d.is_main:
             vocab.save_pretrained(caption_dir)
-    codec = TextImageCodec(vocab, image_tok, cfg.max_caption_tokens, cfg.caption_attention)
+    codec = TextImageCodec(vocab, image_tok, cfg.max_caption_tokens)
     codes = image_tok.encode(images).reshape(len(images), -1)  # once, batched, no grad
     full = [codec.caption_ids(c) for c in captions]
     cut = sum(len(vocab.encode(c)) > cfg.max_caption_tokens for c in set(captions))
@@ -179,18 +167,18 @@ def fit_image_model(data, tokenizer_dir, out: str | Path | None = None, config: 
     n_val = min(len(images) - 1, max(1, int(round(len(images) * cfg.val_fraction))))
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     seq_len = max(len(c) for c in full) + codec.tokens_per_image + 2  # inputs: the sequence minus its last token
-    train = CaptionedCodes([full[i] for i in train_idx], codes[train_idx], seq_len, codec, cfg.caption_dropout,
-                           cfg.word_dropout, cfg.views, cfg.seed)
-    val = CaptionedCodes([full[i] for i in val_idx], codes[val_idx], seq_len, codec)  # full captions: conditional loss
+    train = CaptionedCodes([full[i] for i in train_idx], codes[train_idx], seq_len, codec.image_offset,
+                           cfg.caption_dropout, cfg.views, cfg.seed)
+    val = CaptionedCodes([full[i] for i in val_idx], codes[val_idx], seq_len, codec.image_offset)  # conditional loss
     model_cfg = replace(preset(cfg.preset), vocab_size=len(codec), max_seq_len=codec.max_length)
     torch.manual_seed(cfg.seed)
     module = Transformer(model_cfg).init_weights(cfg.seed)
     log(f"text-to-image model {cfg.preset}: {module.num_params() / 1e6:.2f}M parameters, vocabulary {len(codec)} "
         f"({codec.text_vocab} caption words + {codec.codebook_size} image codes + 4 special); {len(train_idx):,} training and "
         f"{n_val:,} validation images, {len(set(captions)):,} distinct captions, {seq_len + 1} tokens per sequence; "
-        f"caption dropout {cfg.caption_dropout}, word dropout {cfg.word_dropout}; {d.world} process(es) on {d.device}")
+        f"caption dropout {cfg.caption_dropout}; {d.world} process(es) on {d.device}")
     fingerprint = {"model": model_cfg.to_dict(), "codec": codec.to_dict(), "images": len(images), "seed": cfg.seed,
-                   "caption_dropout": cfg.caption_dropout, "word_dropout": cfg.word_dropout, "views": cfg.views,
+                   "caption_dropout": cfg.caption_dropout, "views": cfg.views,
                    "global_batch": cfg.batch_size * cfg.grad_accum * d.world}
     cfg.seq_len = seq_len
     trainer = Trainer(cfg, module, train, val, out, d, fingerprint, console)
@@ -208,7 +196,8 @@ def fit_image_model(data, tokenizer_dir, out: str | Path | None = None, config: 
                                "image_tokenizer": str(tokenizer_dir)},
                 "metrics": {"val_loss": result.val_loss, "train_loss": result.train_loss, "steps": result.step,
                             "val_loss_before": before, "seconds": result.seconds}}
-        io.save(model_dir, trainer.raw.eval(), codec, meta=meta, generation={"guidance": cfg.guidance})
+        io.save(model_dir, trainer.raw.eval(), codec, meta=meta,
+                generation={"guidance": cfg.guidance, "temperature": cfg.temperature})
         log(f"done: {result.step} steps in {result.seconds:.0f}s; validation loss {before:.3f} -> "
             f"{result.val_loss:.3f} nats/token; text-to-image model -> {model_dir}")
         if cfg.samples:
@@ -216,7 +205,7 @@ def fit_image_model(data, tokenizer_dir, out: str | Path | None = None, config: 
 
             shown = list(dict.fromkeys(captions[i] for i in val_idx))[: cfg.samples]
             model = ImageModel.load(model_dir, device="cpu")
-            pictures = model.generate(shown, n=4, guidance=cfg.guidance, seed=cfg.seed)
+            pictures = model.generate(shown, n=4, seed=cfg.seed)
             save_grid(pictures, out / "samples.png", columns=4, labels=shown)
     distributed.barrier(d)
     distributed.teardown()
@@ -231,7 +220,9 @@ class ImageModel:
         self.module, self.codec, self.device = module.eval(), codec, torch.device(device)
         if pack:
             self.module.pack_for_inference()
-        self.default_guidance = float((generation or {}).get("guidance", 3.0))
+        generation = generation or {}
+        self.default_guidance = float(generation.get("guidance", 2.0))
+        self.default_temperature = float(generation.get("temperature", 1.0))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "ImageModel":
@@ -242,12 +233,14 @@ class ImageModel:
         loaded.tokenizer.image.to(device)
         return cls(loaded.module, loaded.tokenizer, device, loaded.generation)
 
-    def generate(self, captions: str | list[str], n: int = 4, guidance: float | None = None, temperature: float = 1.0,
+    def generate(self, captions: str | list[str], n: int = 4, guidance: float | None = None, temperature: float | None = None,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64) -> np.ndarray:
         """uint8 images [len(captions) * n, S, S, 3]: caption i's samples are rows i*n ... i*n+n-1.
 
-        guidance: classifier-free guidance scale (None: the model folder's default; 0 =
-        unconditional, 1 = conditional without guidance). Seeds: a caption's k-th sample in the
+        guidance: classifier-free guidance scale (0 = unconditional, 1 = conditional without
+        guidance); guidance and temperature None: the model folder's defaults (generation_config.json).
+        Captions are split into words; words the model never saw are left out (`codec.vocab.unknown`
+        lists them). Seeds: a caption's k-th sample in the
         request (counting repeats of the same caption) uses seed + k, so results do not depend on
         batch_size or on the other captions, and a repeated caption gets new samples."""
         codes = self.generate_codes(captions, n, guidance, temperature, top_k, top_p, seed, batch_size)
@@ -255,13 +248,14 @@ class ImageModel:
 
     @torch.inference_mode()
     def generate_codes(self, captions: str | list[str], n: int = 4, guidance: float | None = None,
-                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                       temperature: float | None = None, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                        batch_size: int = 64) -> np.ndarray:
         """Image codes [len(captions) * n, h*w] (the image tokenizer's code ids)."""
         from genlab.generate.sampling import SamplingParams
 
         captions = [captions] if isinstance(captions, str) else list(captions)
         guidance = self.default_guidance if guidance is None else float(guidance)
+        temperature = self.default_temperature if temperature is None else float(temperature)
         if not captions or any(not isinstance(c, str) for c in captions):
             raise InvalidParameterError("give at least one caption (a string; \"\" = unconditional)")
         if not isinstance(n, int) or n < 1 or batch_size < 1:
