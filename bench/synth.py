@@ -30,6 +30,10 @@ def main() -> None:
     ap.add_argument("--preset", default="1m")
     ap.add_argument("--max-steps", type=int, default=2500)
     ap.add_argument("--batch-size", type=int, default=1024, help="rows sampled together")
+    ap.add_argument("--train-batch-size", type=int, default=None, help="packed sequences per training step (SynthConfig's default)")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--permutations", type=int, default=None, help="column orders per training row")
+    ap.add_argument("--max-minutes", type=float, default=None, help="training stops cleanly after this long")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", help="a table model folder fitted on this split before (skips fitting)")
     args = ap.parse_args()
@@ -52,8 +56,11 @@ def main() -> None:
     if args.model:
         model_dir, val_loss = Path(args.model), None
     else:
+        tuned = {k: v for k, v in (("batch_size", args.train_batch_size), ("lr", args.lr),
+                                   ("permutations", args.permutations),
+                                   ("max_minutes", args.max_minutes)) if v is not None}
         run = fit_table(train, out=str(out / "model"), preset=args.preset, max_steps=args.max_steps, device=args.device,
-                        console=console)
+                        console=console, **tuned)
         model_dir, val_loss = run.model_dir, run.result.val_loss
     fit_s = time.perf_counter() - t0
     model = TableModel.load(model_dir, device=args.device)
