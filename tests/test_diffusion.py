@@ -1,7 +1,9 @@
 """Local diffusers pipelines (issue 10 item 5): tiny randomly initialised Stable Diffusion and
 SDXL pipelines built here and saved as folders; generation is deterministic per image seed; a
 LoRA trained on a tiny image folder lowers the loss on fixed noise, is saved in diffusers' format
-(plain `load_lora_weights` loads it) and changes the images; bad folders fail clearly."""
+(plain `load_lora_weights` loads it) and changes the images; bad folders fail clearly. The
+commands `genlab image finetune --pipeline` and `genlab image generate --pipeline [--lora]` run
+the same end to end."""
 
 from __future__ import annotations
 
@@ -200,3 +202,108 @@ def test_finetune_bad_data(sd_folder, tmp_path):
     with pytest.raises(InvalidParameterError, match="multiple of 8"):
         finetune_lora(sd_folder, empty, tmp_path / "lora", steps=1, resolution=20)
     assert not (tmp_path / "lora").exists()  # nothing half-written
+
+
+def cli(*args):
+    """`genlab ...` in-process; a GenlabError comes back as res.exception (main() prints it, exit 2)."""
+    from typer.testing import CliRunner
+
+    from genlab.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def grid_pixels(png) -> np.ndarray:
+    with Image.open(png) as g:
+        return np.asarray(g.convert("RGB"), dtype=np.int16)
+
+
+def test_cli_finetune_then_generate_with_lora(sd_folder, image_dir, tmp_path, one_torch_thread):
+    lora = tmp_path / "runs" / "lora"
+    res = cli("image", "finetune", "--pipeline", sd_folder, "--data", image_dir, "--out", lora, "--steps", 40,
+              "--lr", 1e-2, "--rank", 4, "--batch-size", 2, "--seed", 0)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in lora.parent.iterdir()) == ["lora"]  # written atomically: no temporaries left
+    assert sorted(p.name for p in lora.iterdir()) == sorted([LORA_FILE, "metrics.jsonl", "loss.png", "genlab.json"])
+    info = json.loads((lora / "genlab.json").read_text())
+    assert info["steps"] == 40 and info["rank"] == 4 and info["images"] == 4
+    # same run as the API test above (measured 1.126 -> 0.773)
+    assert info["eval_loss_after"] < 0.85 * info["eval_loss_before"], info
+    assert f"{info['eval_loss_before']:.4f}" in res.output and f"{info['eval_loss_after']:.4f}" in res.output
+    assert str(lora) in res.output.replace("\n", "")
+
+    common = ["image", "generate", "--pipeline", sd_folder, "a red square", "a blue circle", "-n", 3, "--steps", 3,
+              "--seed", 5]
+    res = cli(*common, "--out", tmp_path / "base.png")
+    assert res.exit_code == 0, res.output
+    assert "6 images (2 prompt(s) x 3, 32x32, 3 steps, guidance 7.5, seed 5)" in res.output
+    base = grid_pixels(tmp_path / "base.png")
+    assert base.shape == (2 * SIZE + 2, 3 * SIZE + 2 * 2, 3)  # one row per prompt, n columns, 2px gaps
+    assert cli(*common, "--out", tmp_path / "again.png").exit_code == 0
+    assert np.array_equal(grid_pixels(tmp_path / "again.png"), base)  # same seed, same grid
+    assert cli(*common[:-1], 6, "--out", tmp_path / "seed6.png").exit_code == 0
+    assert np.abs(grid_pixels(tmp_path / "seed6.png") - base).mean() > 1
+
+    res = cli(*common, "--lora", lora, "--out", tmp_path / "tuned.png")
+    assert res.exit_code == 0, res.output
+    tuned = grid_pixels(tmp_path / "tuned.png")
+    assert tuned.shape == base.shape and np.abs(tuned - base).mean() > 0.5
+    # the same images as the Python API with the same settings (row 0 = prompt 0, seeds 5, 6, 7)
+    api = generate_images(load_pipeline(sd_folder, lora=lora), "a red square", n=3, steps=3, seed=5)
+    assert np.abs(tuned[:SIZE, :SIZE] - pixels(api)[0]).max() <= 2
+
+    res = cli("image", "generate", "-p", sd_folder, "a green circle", "-n", 1, "--steps", 2, "--size", "24x16",
+              "--guidance", 3, "--negative-prompt", "red", "--out", tmp_path / "wide.png")
+    assert res.exit_code == 0, res.output
+    assert grid_pixels(tmp_path / "wide.png").shape == (16, 24, 3)  # WIDTHxHEIGHT
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (["a red square"], InvalidParameterError, "give a MODEL folder and at least one caption, or --pipeline"),
+    (["--pipeline", "{sd}"], InvalidParameterError, "at least one prompt"),
+    (["{sd}", "a red square", "--pipeline", "{sd}"], InvalidParameterError, "not both"),
+    (["--pipeline", "{sd}", "x", "--temperature", "0.5", "--top-k", "5"], InvalidParameterError,
+     "--temperature, --top-k apply to genlab models"),
+    (["{tmp}/model", "x", "--steps", "5"], InvalidParameterError, "--steps applies to --pipeline only"),
+    (["--pipeline", "{sd}", "x", "--size", "big"], InvalidParameterError, "--size takes WIDTHxHEIGHT"),
+    (["--pipeline", "{sd}", "x", "--size", "20"], InvalidParameterError, "multiple of 8"),
+    (["--pipeline", "{sd}", "x", "--out", "grid.jpg"], InvalidParameterError, "--out must name a .png"),
+    (["--pipeline", "{tmp}", "x"], ModelLoadError, "{tmp}: not a diffusers pipeline folder (no model_index.json)"),
+    (["--pipeline", "{sd}", "x", "--lora", "{tmp}"], ModelLoadError, "{tmp}: no LoRA weights"),
+    (["--pipeline", "{sd}", "x", "--dtype", "float8"], InvalidParameterError, "dtype must be"),
+])
+def test_cli_generate_bad_input(sd_folder, tmp_path, args, error, message):
+    fill = {"sd": str(sd_folder), "tmp": str(tmp_path)}
+    args = [a.format(**fill) for a in args]
+    res = cli("image", "generate", *args, *([] if "--out" in args else ["--out", tmp_path / "grid.png"]))
+    assert isinstance(res.exception, error), res.output
+    assert message.format(**fill) in str(res.exception)
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_cli_finetune_bad_input(sd_folder, image_dir, tmp_path):
+    def fails(error, message, *extra, pipeline=sd_folder, data=image_dir, out=tmp_path / "lora"):
+        res = cli("image", "finetune", "--pipeline", pipeline, "--data", data, "--out", out, "--steps", 1, *extra)
+        assert isinstance(res.exception, error), res.output
+        assert message in str(res.exception)
+
+    fails(ModelLoadError, f"{tmp_path}: not a diffusers pipeline folder (no model_index.json)", pipeline=tmp_path)
+    fails(DataError, f"{tmp_path / 'missing'}: no such folder", data=tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(DataError, "no images", data=empty)
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    Image.new("RGB", (SIZE, SIZE)).save(orphan / "a.png")
+    (orphan / "b.txt").write_text("a caption without its image")
+    fails(DataError, f"{orphan / 'b.txt'}: caption file without an image", data=orphan)
+    # --out is replaced whole: a folder of other files is refused, and so is one inside the images
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    fails(InvalidParameterError, f"{mine}: a non-empty folder that is not a genlab LoRA folder", out=mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    fails(InvalidParameterError, "must not lie inside the image folder", out=image_dir / "lora")
+    fails(InvalidParameterError, "need steps, batch_size, rank >= 1", "--rank", 0)
+    fails(InvalidParameterError, "multiple of 8", "--resolution", 20)
+    assert not (tmp_path / "lora").exists()

@@ -163,32 +163,79 @@ def image_train(
     print(result.model_dir)
 
 
+def _only_for(where: str, **given) -> None:
+    """One error naming the options (given as not None) that do not apply here."""
+    names = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    if names:
+        raise InvalidParameterError(f"{', '.join(names)} {'applies' if len(names) == 1 else 'apply'} to {where} only")
+
+
+def _size(text: str | None):
+    """--size: "W" or "WxH" (width first, as image sizes are written) -> None, int or (height, width)."""
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().replace(" ", "").split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise InvalidParameterError(f"--size takes WIDTHxHEIGHT (such as 768x512) or one number; got {text!r}")
+    return parts[0] if len(parts) == 1 else (parts[1], parts[0])
+
+
 @image_app.command("generate")
 def image_generate(
-    model: Annotated[Path, typer.Argument(help="Text-to-image model folder (genlab image train).")],
-    captions: Annotated[list[str], typer.Argument(help="One or more captions (one row of the grid each).")],
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", show_default=False, help="Text-to-image model folder (genlab image train); leave it out with --pipeline.")] = None,
+    captions: Annotated[Optional[list[str]], typer.Argument(metavar="CAPTION...", show_default=False, help="One or more captions / prompts (one row of the grid each).")] = None,
+    pipeline: Annotated[Optional[Path], typer.Option("--pipeline", "-p", help="Local diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL; holds model_index.json) instead of MODEL.")] = None,
+    lora: Annotated[Optional[Path], typer.Option(help="LoRA folder (genlab image finetune) or .safetensors file applied to --pipeline.")] = None,
     n: Annotated[int, typer.Option("-n", help="Images per caption (the grid's columns).")] = 4,
     out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG grid: one row per caption.")] = Path("grid.png"),
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance: 0 = ignore the caption, 1 = no guidance, >1 = follow it harder (default: the model's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance: 0 = ignore the caption, 1 = no guidance, >1 = follow it harder (default: the model's; 7.5 with --pipeline).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (--pipeline; 25 by default).")] = None,
+    size: Annotated[Optional[str], typer.Option(help="Image size WIDTHxHEIGHT or one number, multiples of 8 (--pipeline; default: the pipeline's).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="What the images should not show (--pipeline).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32 | float16 | bfloat16 (--pipeline; float32 by default, float16 halves GPU memory).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature, 0 = greedy (default: the model's).")] = None,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely image codes (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Same seed -> same images.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images decoded together.")] = 64,
-    scale: Annotated[int, typer.Option(help="Enlarge each image this many times in the grid.")] = 4,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely image codes (0 = off, the default).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass in (0, 1] (1 by default).")] = None,
+    seed: Annotated[int, typer.Option(help="Same seed -> same images (image k of the grid uses seed + k with --pipeline).")] = 0,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images generated together (64 by default; 4 with --pipeline).")] = None,
+    scale: Annotated[Optional[int], typer.Option(help="Enlarge each image this many times in the grid (4 by default).")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
 ):
-    """Generate images from captions (classifier-free guidance) as a PNG grid.
+    """Generate images from captions as a PNG grid: with a genlab text-to-image model (MODEL), or
+    with a local Stable Diffusion pipeline folder (--pipeline), optionally with a trained --lora.
 
     Example: genlab image generate runs/t2i/model "a cat wearing sunglasses" "a red square left of a blue circle" -n 4 --out grid.png --guidance 3 --seed 1
+
+    Example: genlab image generate --pipeline ~/models/sd15 --lora runs/my-lora "a watercolour harbour at dawn" -n 4 --steps 30 --size 512 --seed 1
     """
+    if out_file.suffix.lower() != ".png":
+        raise InvalidParameterError(f"--out must name a .png file, got {str(out_file)!r}")
+    if pipeline is None:
+        if model is None or not captions:
+            raise InvalidParameterError("give a MODEL folder and at least one caption, or --pipeline DIR and prompts")
+        _only_for("--pipeline", lora=lora, steps=steps, size=size, negative_prompt=negative_prompt, dtype=dtype)
+        _generate_tokens(Path(model), captions, n, out_file, guidance, temperature, top_k, top_p, seed, batch_size, scale, device)
+        return
+    if model is not None and Path(model).expanduser().is_dir():
+        raise InvalidParameterError(f"give either a MODEL folder or --pipeline, not both ({model} is a folder, not a prompt)")
+    _only_for("genlab models (MODEL)", temperature=temperature, top_k=top_k, top_p=top_p, scale=scale)
+    prompts = [model, *(captions or [])] if model is not None else []
+    if not prompts:
+        raise InvalidParameterError("give at least one prompt after --pipeline DIR")
+    _generate_diffusers(pipeline, prompts, n, out_file, lora, seed, device, dtype, guidance=guidance, steps=steps,
+                        size=_size(size), negative_prompt=negative_prompt, batch_size=batch_size)
+
+
+def _generate_tokens(model, captions, n, out_file, guidance, temperature, top_k, top_p, seed, batch_size, scale, device):
     import time
 
     from genlab.image.grid import save_grid
     from genlab.image.model import ImageModel
 
-    if out_file.suffix.lower() != ".png":
-        raise InvalidParameterError(f"--out must name a .png file, got {str(out_file)!r}")
+    scale = 4 if scale is None else scale
     if scale < 1:
         raise InvalidParameterError("--scale must be at least 1")
     image_model = ImageModel.load(model, device=device)
@@ -196,11 +243,69 @@ def image_generate(
     if unknown:
         err.print(f"[yellow]note:[/] words the model never saw are left out: {', '.join(unknown)}", highlight=False)
     start = time.perf_counter()
-    images = image_model.generate(captions, n=n, guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed, batch_size=batch_size)
+    images = image_model.generate(captions, n=n, guidance=guidance, temperature=temperature,
+                                  top_k=0 if top_k is None else top_k, top_p=1.0 if top_p is None else top_p,
+                                  seed=seed, batch_size=batch_size or 64)
     seconds = time.perf_counter() - start
     save_grid(images, out_file, columns=n, labels=captions, scale=scale)
     g = image_model.default_guidance if guidance is None else guidance
     t = image_model.default_temperature if temperature is None else temperature
     out.print(f"{len(images)} images ({len(captions)} caption(s) x {n}, guidance {g:g}, temperature {t:g}) in "
               f"{seconds:.1f}s -> {out_file}")
+
+
+def _generate_diffusers(pipeline, prompts, n, out_file, lora, seed, device, dtype, **options):
+    import inspect
+    import time
+
+    from genlab.image.diffusion import generate_images, load_pipeline, save_grid
+
+    options = {k: v for k, v in options.items() if v is not None}  # the rest: generate_images' defaults
+    used = {k: p.default for k, p in inspect.signature(generate_images).parameters.items()} | options
+    pipe = load_pipeline(pipeline, device=device, dtype=dtype, lora=lora)
+    start = time.perf_counter()
+    images = generate_images(pipe, prompts, n=n, seed=seed, console=err, **options)
+    seconds = time.perf_counter() - start
+    save_grid(images, out_file, columns=n)
+    w, h = images[0].size
+    out.print(f"{len(images)} images ({len(prompts)} prompt(s) x {n}, {w}x{h}, {used['steps']} steps, guidance "
+              f"{used['guidance']:g}, seed {seed}{f', LoRA {lora}' if lora else ''}) in {seconds:.1f}s -> {out_file}",
+              highlight=False)
+
+
+@image_app.command("finetune")
+def image_finetune(
+    pipeline: Annotated[Path, typer.Option("--pipeline", "-p", show_default=False, help="Local diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL; holds model_index.json).")],
+    data: Annotated[Path, typer.Option("--data", "-d", show_default=False, help="Folder of images with captions: NAME.txt beside each image, or a captions.csv (file, caption).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", show_default=False, help="LoRA folder to write (replaced whole on success): pytorch_lora_weights.safetensors, genlab.json, metrics.jsonl, loss.png.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW, constant).")] = 1e-4,
+    rank: Annotated[int, typer.Option(help="LoRA rank of the UNet attention projections.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 4,
+    resolution: Annotated[Optional[int], typer.Option(help="Training size: images are centre-cropped and resized to a square of this side (default: the pipeline's).")] = None,
+    caption: Annotated[str, typer.Option(help="Caption for images that have none.")] = "",
+    eval_every: Annotated[Optional[int], typer.Option(help="Measure the loss on fixed images / noise every N steps (default: 5 times per run).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the LoRA initialisation, batches, noise and timesteps.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="float32 | float16 | bfloat16 for the frozen pipeline (the LoRA trains in float32).")] = None,
+):
+    """Train a LoRA on your own captioned images for a local Stable Diffusion pipeline (diffusers + PEFT).
+
+    The LoRA is saved in diffusers' format (plain `pipe.load_lora_weights(OUT)` loads it); the
+    loss on fixed images, noise and timesteps is measured before and after training.
+
+    Example: genlab image finetune --pipeline ~/models/sd15 --data my-images/ --out runs/my-lora --steps 1000 --device cuda --dtype float16
+    """
+    from genlab.image.diffusion import finetune_lora
+
+    result = finetune_lora(pipeline, data, out_dir, steps=steps, lr=lr, rank=rank, batch_size=batch_size,
+                           resolution=resolution, seed=seed, console=err, default_caption=caption, device=device,
+                           dtype=dtype, eval_every=eval_every)
+    table = Table("loss on fixed images / noise / timesteps", "value", title=f"LoRA rank {rank}, {result.steps} steps "
+                  f"in {result.seconds:.0f}s", title_justify="left")
+    table.add_row("base pipeline", f"{result.loss_before:.4f}")
+    table.add_row("with the LoRA", f"{result.loss_after:.4f}")
+    table.add_row("change", f"{result.loss_after / result.loss_before - 1:+.1%}")
+    out.print(table)
+    out.print(f"wrote {out_dir} ({', '.join(p.name for p in result.files.values())})", highlight=False)
+    out.print(f"use it: genlab image generate --pipeline {pipeline} --lora {out_dir} \"PROMPT\"", highlight=False)

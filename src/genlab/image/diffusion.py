@@ -10,9 +10,11 @@ The training step follows diffusers' train_text_to_image_lora example (noise-pre
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,27 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+@contextmanager
+def _quiet(verbosity=None):
+    """No diffusers / transformers loading bars (genlab shows its own progress); `verbosity`: also
+    raise diffusers' log level for the duration. The previous settings come back afterwards."""
+    import transformers.utils.logging as tlog
+    from diffusers.utils import logging as dlog
+
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    level = dlog.get_verbosity()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    if verbosity is not None:
+        dlog.set_verbosity(verbosity)
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+        for enabled, log in zip(bars, (dlog, tlog)):
+            (log.enable_progress_bar if enabled else log.disable_progress_bar)()
+
+
 def load_pipeline(folder, device: str = "cpu", dtype=None, lora=None):
     """A local diffusers pipeline folder -> pipeline on `device`; `lora`: a LoRA folder (or
     .safetensors file) in diffusers' format loaded on top. Bad folders raise ModelLoadError."""
@@ -68,8 +91,9 @@ def load_pipeline(folder, device: str = "cpu", dtype=None, lora=None):
             raise InvalidParameterError(f"dtype must be float32, float16 or bfloat16; got {dtype!r}")
         dtype = getattr(torch, dtype)
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                                 trust_remote_code=False, torch_dtype=dtype)
+        with _quiet():
+            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                     trust_remote_code=False, torch_dtype=dtype)
     except Exception as e:  # diffusers raises OSError / ValueError / KeyError ... for broken folders
         raise ModelLoadError(f"{folder}: cannot load the pipeline ({_why(e)})") from e
     pipe.to(device)
@@ -85,8 +109,9 @@ def load_lora(pipe, lora) -> None:
         raise ModelLoadError(f"{lora}: no LoRA weights ({LORA_FILE}) found")
     if not hasattr(pipe, "load_lora_weights"):
         raise ModelLoadError(f"{lora}: {type(pipe).__name__} cannot load LoRA weights")
-    try:
-        pipe.load_lora_weights(str(folder), weight_name=name, local_files_only=True)
+    try:  # quiet: "no LoRA keys for the text encoder" is expected of a UNet-only LoRA
+        with _quiet(logging.ERROR):
+            pipe.load_lora_weights(str(folder), weight_name=name, local_files_only=True)
     except Exception as e:  # wrong base model: shape mismatches, unknown module names
         raise ModelLoadError(f"{lora}: LoRA does not fit this pipeline ({_why(e)})") from e
 
@@ -253,6 +278,24 @@ def _plot(records: list[dict], png: Path, title: str) -> Path:
     return save_figure(fig, png)
 
 
+def _check_out(out: Path, data_dir: Path) -> None:
+    """`out` is replaced whole on success: refuse anything but a new, empty or earlier LoRA folder,
+    and a folder inside the training images (its loss.png would become a training image)."""
+    if out.exists():
+        info = out / "genlab.json"
+        if not out.is_dir():
+            raise InvalidParameterError(f"{out}: exists and is not a folder; the LoRA output must be a folder")
+        try:
+            earlier = json.loads(info.read_text(encoding="utf-8")).get("kind") == "diffusers-lora"
+        except (OSError, ValueError, AttributeError):
+            earlier = False
+        if not earlier and any(out.iterdir()):
+            raise InvalidParameterError(f"{out}: a non-empty folder that is not a genlab LoRA folder; it would be "
+                                        "replaced whole, so choose a new output folder")
+    if out.resolve().is_relative_to(data_dir.resolve()):
+        raise InvalidParameterError(f"{out}: the output folder must not lie inside the image folder {data_dir}")
+
+
 def finetune_lora(pipeline_folder, data_dir, out, steps: int = 500, lr: float = 1e-4, rank: int = 4, batch_size: int = 4,
                   resolution: int | None = None, seed: int = 0, console=None, default_caption: str = "",
                   device: str = "cpu", dtype=None, eval_every: int | None = None) -> LoraResult:
@@ -268,6 +311,8 @@ def finetune_lora(pipeline_folder, data_dir, out, steps: int = 500, lr: float = 
 
     if steps < 1 or batch_size < 1 or rank < 1 or not lr > 0:
         raise InvalidParameterError(f"need steps, batch_size, rank >= 1 and lr > 0; got {steps}, {batch_size}, {rank}, {lr}")
+    _check_pipeline_folder(Path(pipeline_folder).expanduser())  # cheap checks before the slow load
+    _check_out(Path(out).expanduser(), Path(data_dir).expanduser())
     pipe = load_pipeline(pipeline_folder, device=device, dtype=dtype)
     if getattr(pipe, "unet", None) is None or not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "save_lora_weights"):
         raise ModelLoadError(f"{pipeline_folder}: LoRA fine-tuning supports Stable Diffusion 1.x/2.x and SDXL "
