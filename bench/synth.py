@@ -6,6 +6,7 @@ and a Gaussian copula; sampling speed against the 1,000 rows/s floor on this mac
     python bench/synth.py                        # ~12 minutes on 2 cores (2,500 steps)
     python bench/synth.py --max-steps 2000 --table randhie --target mdvis
     python bench/synth.py --model runs/bench-synth/model/model   # score / time a fitted model again
+    python bench/synth.py --device cuda --max-minutes 4.5 --max-steps 12000 --train-batch-size 32 --permutations 6
 
 Floors (issue 9, randhie): shape >= 0.85, pair trends >= 0.80, utility within 5 points of real,
 zero exact copies, synthetic->train DCR median >= holdout->train DCR median, membership-inference
