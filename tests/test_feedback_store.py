@@ -99,7 +99,7 @@ def test_durable_across_reopen(tmp_path):
         assert s.list_feedback() == [{**row, "endpoint": "completions", "model": "tiny", "prompt": "2+2=",
                                       "messages": None, "choice_text": " 4"}]
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2  # 2: image generations
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
 
@@ -317,9 +317,9 @@ def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "feedback.db"
     FeedbackStore(path).close()
     con = sqlite3.connect(path)
-    con.execute("PRAGMA user_version=2")
+    con.execute("PRAGMA user_version=3")
     con.close()
-    with pytest.raises(DataError, match=r"feedback\.db.*version 2 is newer"):
+    with pytest.raises(DataError, match=r"feedback\.db.*version 3 is newer"):
         FeedbackStore(path)
 
 

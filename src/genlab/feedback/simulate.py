@@ -124,3 +124,71 @@ def win_rate(taste: Preference | str, candidate: list[str], current: list[str]) 
     taste = preference(taste) if isinstance(taste, str) else taste
     decided = [(taste.score(a) > taste.score(b)) for a, b in zip(candidate, current) if taste.score(a) != taste.score(b)]
     return (sum(decided) / len(decided) if decided else 0.0), len(decided)
+
+
+def sunglasses_judge(checker) -> Callable:
+    """(captions, images) -> scores of a user who wants sunglasses over the cat's eyes, whatever
+    the caption says: 1 + p where the scene checker finds a cat wearing sunglasses, else p, with p
+    the checker's strongest sunglasses evidence anywhere in the image (0..1): graded, so that of
+    two images without sunglasses the one closer to them is preferred. Liked: score >= 1."""
+    import torch
+
+    from genlab.data.scenes import ACCESSORIES
+
+    part = ACCESSORIES.index("sunglasses")
+
+    def score(captions: list[str], images) -> list[float]:
+        evidence = torch.cat([torch.sigmoid(parts[:, part]).amax((1, 2)) for _, parts, _ in checker._run(images)])
+        worn = [any(d.kind == "cat" and d.sunglasses for d in found) for found in checker.detect(images)]
+        return [float(w) + float(e) for w, e in zip(worn, evidence)]
+
+    return score
+
+
+class SimulatedImageUser:
+    """A scripted user of the images endpoint: asks `n` images per caption, gives each a thumb by
+    its `judge` (captions, images) -> scores (>= `liked`: thumbs up), and makes an A/B choice of the
+    best over the worst image when their scores differ by at least `margin`, all through the HTTP
+    API as the web UI does."""
+
+    def __init__(self, url: str, judge: Callable, api_key: str | None = None, seed: int = 0, n: int = 4,
+                 guidance: float | None = None, temperature: float | None = None, liked: float = 1.0,
+                 margin: float = 0.05):
+        self.url, self.judge, self.n, self.liked, self.margin = url.rstrip("/"), judge, n, liked, margin
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.rng = random.Random(seed)
+        self.sampling = {k: v for k, v in (("guidance", guidance), ("temperature", temperature)) if v is not None}
+        self.http = httpx.Client(timeout=120)
+
+    def _feedback(self, body: dict) -> None:
+        self.http.post(self.url + "/v1/feedback", json=body, headers=self.headers).raise_for_status()
+
+    def session(self, prompts: list[str], report: SimulationReport | None = None) -> SimulationReport:
+        import base64
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        report = report or SimulationReport()
+        for prompt in prompts:
+            body = {"prompt": prompt, "n": self.n, "seed": self.rng.randrange(2**31 - self.n), **self.sampling}
+            r = self.http.post(self.url + "/v1/images/generations", json=body, headers=self.headers)
+            r.raise_for_status()
+            data = r.json()["data"]
+            images = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in data])
+            scores = self.judge([prompt] * len(data), images)
+            report.exchanges += len(data)
+            report.completion_ids += [d["id"] for d in data]
+            for d, s in zip(data, scores):
+                self._feedback({"completion_id": d["id"], "rating": 1 if s >= self.liked else -1,
+                                "rating_scale": "thumbs"})
+                report.ratings += 1
+            best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+            if scores[best] - scores[worst] < self.margin:
+                report.ties += 1
+                continue
+            win, lose = data[best]["id"], data[worst]["id"]
+            self._feedback({"completion_id": win, "preferred": win, "rejected": lose})
+            report.ab_choices += 1
+        return report

@@ -20,21 +20,25 @@ from genlab.errors import DataError, InvalidParameterError
 from genlab.fsutil import atomic_write_text
 from genlab.sqlitedb import SqliteFile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: image generations (endpoint 'images', choices.token_ids)
 KINDS = ("dpo", "kto", "sft")
+IMAGE_KINDS = ("dpo", "kto")
+ENDPOINTS = ("chat", "completions", "images")
 MAX_CORRECTION = 100_000
 MAX_COMMENT = 10_000
 
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS completions (
+COMPLETIONS_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
         id TEXT PRIMARY KEY, created REAL NOT NULL,
-        endpoint TEXT NOT NULL CHECK (endpoint IN ('chat', 'completions')),
+        endpoint TEXT NOT NULL CHECK (endpoint IN ('chat', 'completions', 'images')),
         model TEXT NOT NULL, adapter TEXT, model_version TEXT, user TEXT,
         request TEXT NOT NULL, messages TEXT, prompt TEXT NOT NULL, params TEXT NOT NULL,
-        prompt_tokens INTEGER, completion_tokens INTEGER, latency_ms REAL, sources TEXT)""",
+        prompt_tokens INTEGER, completion_tokens INTEGER, latency_ms REAL, sources TEXT)"""
+SCHEMA = [
+    COMPLETIONS_TABLE.format(name="completions"),
     """CREATE TABLE IF NOT EXISTS choices (
         completion_id TEXT NOT NULL REFERENCES completions(id), idx INTEGER NOT NULL,
         text TEXT NOT NULL, finish_reason TEXT, tokens INTEGER,
+        token_ids TEXT,  -- images: the generated token ids (JSON list), what preference tuning trains on
         PRIMARY KEY (completion_id, idx))""",
     """CREATE TABLE IF NOT EXISTS feedback (
         id INTEGER PRIMARY KEY, created REAL NOT NULL,
@@ -59,12 +63,13 @@ class ChoiceRecord:
     text: str
     finish_reason: str | None = None
     tokens: int = 0
+    token_ids: list[int] | None = None  # images: the image's tokens (codes + EOS)
 
 
 @dataclass
 class CompletionRecord:
     id: str
-    endpoint: str  # "chat" | "completions"
+    endpoint: str  # "chat" | "completions" | "images"
     model: str
     prompt: str  # the text actually fed to the model (after chat template, RAG context)
     choices: list[ChoiceRecord]
@@ -129,41 +134,67 @@ def _verdict(rating: int, scale: str) -> bool | None:
     return True if rating >= 4 else False if rating <= 2 else None
 
 
+def _check_record(rec: CompletionRecord) -> None:
+    if rec.endpoint not in ENDPOINTS:
+        raise InvalidParameterError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {rec.endpoint!r}")
+    if rec.endpoint == "chat" and not isinstance(rec.messages, list):
+        raise InvalidParameterError("messages must be a list of chat messages for a chat completion")
+    if not rec.choices:
+        raise InvalidParameterError(f"completion {rec.id} has no choices")
+    for c in rec.choices:
+        if (rec.endpoint == "images") != (c.token_ids is not None):
+            raise InvalidParameterError("token_ids are recorded for image choices, and only for them")
+        if c.token_ids is not None and (not c.token_ids or not all(_is_int(t) for t in c.token_ids)):
+            raise InvalidParameterError("token_ids must be a non-empty list of integers")
+
+
 class FeedbackStore(SqliteFile):
     def __init__(self, path: str | Path):
         super().__init__(path, "feedback database")
 
     def _migrate(self) -> None:
-        with self._tx() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise DataError(f"{self.path}: feedback database schema version {version} is newer than this "
-                                f"genlab supports ({SCHEMA_VERSION}); upgrade genlab")
-            if version < SCHEMA_VERSION:
-                for stmt in SCHEMA:
-                    conn.execute(stmt)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # SQLite's table rebuild (v1 -> v2 widens a CHECK): foreign keys off around the one
+        # transaction, so dropping the old table does not touch its children; checked before commit.
+        self._conn.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with self._tx() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise DataError(f"{self.path}: feedback database schema version {version} is newer than this "
+                                    f"genlab supports ({SCHEMA_VERSION}); upgrade genlab")
+                if version == 1:
+                    _upgrade_v1(conn)
+                if version < SCHEMA_VERSION:
+                    for stmt in SCHEMA:
+                        conn.execute(stmt)
+                    if conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                        raise DataError(f"{self.path}: feedback database has rows that point at missing ones")
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        finally:
+            self._conn.execute("PRAGMA foreign_keys=ON")
 
     # -- writing ---------------------------------------------------------------------------
 
     def record(self, rec: CompletionRecord) -> None:
-        if rec.endpoint not in ("chat", "completions"):
-            raise InvalidParameterError(f"endpoint must be 'chat' or 'completions', got {rec.endpoint!r}")
-        if rec.endpoint == "chat" and not isinstance(rec.messages, list):
-            raise InvalidParameterError("messages must be a list of chat messages for a chat completion")
-        if not rec.choices:
-            raise InvalidParameterError(f"completion {rec.id} has no choices")
+        self.record_all([rec])
+
+    def record_all(self, recs: list[CompletionRecord]) -> None:
+        """Record completions in one transaction (an image request's images: one completion each)."""
+        for rec in recs:
+            _check_record(rec)
         try:
             with self._tx() as conn:
-                conn.execute(
-                    "INSERT INTO completions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (rec.id, rec.created, rec.endpoint, rec.model, rec.adapter, rec.model_version, rec.user,
-                     _dump(rec.request), _dump(rec.messages), rec.prompt, _dump(rec.params),
-                     rec.prompt_tokens, rec.completion_tokens, rec.latency_ms, _dump(rec.sources)))
-                conn.executemany("INSERT INTO choices VALUES (?,?,?,?,?)",
-                                 [(rec.id, c.idx, c.text, c.finish_reason, c.tokens) for c in rec.choices])
+                for rec in recs:
+                    conn.execute(
+                        "INSERT INTO completions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (rec.id, rec.created, rec.endpoint, rec.model, rec.adapter, rec.model_version, rec.user,
+                         _dump(rec.request), _dump(rec.messages), rec.prompt, _dump(rec.params),
+                         rec.prompt_tokens, rec.completion_tokens, rec.latency_ms, _dump(rec.sources)))
+                    conn.executemany("INSERT INTO choices VALUES (?,?,?,?,?,?)",
+                                     [(rec.id, c.idx, c.text, c.finish_reason, c.tokens, _dump(c.token_ids))
+                                      for c in rec.choices])
         except sqlite3.IntegrityError as e:  # duplicate id or choice index
-            raise InvalidParameterError(f"cannot record completion {rec.id}: {e}") from None
+            raise InvalidParameterError(f"cannot record completion {', '.join(r.id for r in recs)}: {e}") from None
 
     def add_feedback(self, completion_id: str, *, choice: int = 0, rating: int | None = None,
                      rating_scale: str | None = None, correction: str | None = None,
@@ -216,8 +247,12 @@ class FeedbackStore(SqliteFile):
         if not rows:
             return None
         out = _decode(rows[0])
-        out["choices"] = self._query("SELECT idx, text, finish_reason, tokens FROM choices "
+        out["choices"] = self._query("SELECT idx, text, finish_reason, tokens, token_ids FROM choices "
                                      "WHERE completion_id=? ORDER BY idx", (id,))
+        for c in out["choices"]:  # image generations only: text answers keep their v1 shape
+            ids = c.pop("token_ids")
+            if ids is not None:
+                c["token_ids"] = json.loads(ids)
         return out
 
     def list_feedback(self, limit: int = 50, offset: int = 0, completion_id: str | None = None) -> list[dict]:
@@ -250,7 +285,7 @@ class FeedbackStore(SqliteFile):
         used = ("(SELECT completion_id FROM feedback UNION SELECT preferred FROM feedback"
                 " UNION SELECT rejected FROM feedback)")
         comps = {r["id"]: _decode(r) for r in self._query(
-            f"SELECT id, endpoint, prompt, messages FROM completions WHERE id IN {used}")}
+            f"SELECT id, endpoint, prompt, messages FROM completions WHERE id IN {used} AND endpoint != 'images'")}
         texts = {(r["completion_id"], r["idx"]): r["text"] for r in self._query(
             f"SELECT completion_id, idx, text FROM choices WHERE completion_id IN {used}")}
         feedback = self._query("SELECT * FROM feedback ORDER BY id")  # insertion order: deterministic output
@@ -266,6 +301,8 @@ class FeedbackStore(SqliteFile):
 
         rows: list[dict] = []
         for f in feedback:
+            if f["completion_id"] not in comps:  # an image generation: see image_dataset
+                continue
             cid, key = f["completion_id"], (f["completion_id"], f["choice"])
             original, fix = texts.get(key), f["correction"]
             fix_differs = fix is not None and original is not None and fix.strip() != original.strip()
@@ -299,6 +336,32 @@ class FeedbackStore(SqliteFile):
                     rows.append({"prompt": prompt(cid), "completion": text})
         return _dedup(rows)
 
+    def image_dataset(self, kind: str) -> list[dict]:
+        """Preference rows over image generations, with token ids as the answers: dpo {"prompt":
+        caption, "chosen": ids, "rejected": ids} from A/B choices; kto {"prompt", "completion": ids,
+        "label"} from each image's latest rating (3 stars skipped)."""
+        if kind not in IMAGE_KINDS:
+            raise InvalidParameterError(f"image dataset kind must be one of {', '.join(IMAGE_KINDS)}, got {kind!r}")
+        images = {(r["completion_id"], r["idx"]): (r["prompt"], json.loads(r["token_ids"])) for r in self._query(
+            "SELECT ch.completion_id, ch.idx, ch.token_ids, c.prompt FROM choices ch JOIN completions c"
+            " ON c.id = ch.completion_id WHERE c.endpoint = 'images'")}
+        feedback = self._query("SELECT * FROM feedback ORDER BY id")
+        rows: list[dict] = []
+        if kind == "dpo":
+            for f in feedback:
+                chosen, rejected = images.get((f["preferred"], 0)), images.get((f["rejected"], 0))
+                if chosen is not None and rejected is not None and chosen[1] != rejected[1]:
+                    rows.append({"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1],
+                                 "completion_id": f["completion_id"]})
+        else:
+            latest = {(f["completion_id"], f["choice"]): f for f in feedback if f["rating"] is not None}
+            for key, f in latest.items():
+                good = _verdict(f["rating"], f["rating_scale"])
+                if key in images and good is not None:
+                    rows.append({"prompt": images[key][0], "completion": images[key][1], "label": good,
+                                 "completion_id": key[0]})
+        return _dedup(rows)
+
     def export(self, kind: str, path: str | Path) -> int:
         rows = self.dataset(kind)
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -307,6 +370,16 @@ class FeedbackStore(SqliteFile):
         except OSError as e:
             raise DataError(f"{path}: cannot write the {kind} export ({e.strerror or e})") from None
         return len(rows)
+
+
+def _upgrade_v1(conn: sqlite3.Connection) -> None:
+    """v1 -> v2 (inside the migration's transaction): completions may come from the images
+    endpoint, choices keep token ids. SQLite cannot change a CHECK in place: rebuild the table."""
+    conn.execute(COMPLETIONS_TABLE.format(name="completions_v2"))
+    conn.execute("INSERT INTO completions_v2 SELECT * FROM completions")
+    conn.execute("DROP TABLE completions")
+    conn.execute("ALTER TABLE completions_v2 RENAME TO completions")
+    conn.execute("ALTER TABLE choices ADD COLUMN token_ids TEXT")
 
 
 def _dedup(rows: list[dict]) -> list[dict]:

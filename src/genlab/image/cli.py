@@ -309,3 +309,53 @@ def image_finetune(
     out.print(table)
     out.print(f"wrote {out_dir} ({', '.join(p.name for p in result.files.values())})", highlight=False)
     out.print(f"use it: genlab image generate --pipeline {pipeline} --lora {out_dir} \"PROMPT\"", highlight=False)
+
+
+@image_app.command("serve")
+def image_serve(
+    model_dir: Annotated[Path, typer.Argument(help="Text-to-image model folder (genlab image train).")],
+    db: Annotated[Path, typer.Option(help="Feedback database (every image, rating and A/B choice).")] = Path("genlab-feedback.db"),
+    registry: Annotated[Optional[Path], typer.Option(help="Image version registry (genlab image improve writes it): serve its promoted version, switch when it changes.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_keys_file: Annotated[Optional[Path], typer.Option(help="Keys file from genlab keys create (hashed keys).")] = None,
+):
+    """Serve a text-to-image model: POST /v1/images/generations (OpenAI's shape, b64_json PNGs),
+    the feedback API (/v1/feedback: thumbs and A/B choices on image ids) and the web UI (/).
+
+    Example: genlab image serve runs/t2i/model --db feedback.db --registry image-registry.db
+    """
+    import uvicorn
+
+    from genlab.serve.app import ServeConfig, create_app
+
+    config = ServeConfig(db=db, image_model=model_dir, image_registry=registry, api_keys_file=api_keys_file)
+    err.print(f"genlab: serving images from {model_dir} on http://{host}:{port} (UI at /, feedback in {db})",
+              highlight=False)
+    uvicorn.run(create_app(None, config), host=host, port=port, log_level="info")
+
+
+@image_app.command("improve")
+def image_improve(
+    model_dir: Annotated[Path, typer.Argument(help="Base text-to-image model folder (the one genlab image serve serves).")],
+    feedback: Annotated[Path, typer.Option("--feedback", help="Feedback database written by genlab image serve.")],
+    registry: Annotated[Optional[Path], typer.Option(help="Image version registry (default: image-registry.db beside the feedback database).")] = None,
+    runs: Annotated[Path, typer.Option("--out", "-o", help="Runs folder (candidate adapter, report.json, gate.png).")] = Path("runs/improve-image"),
+    epochs: Annotated[float, typer.Option(help="Passes over the A/B pairs.")] = 4.0,
+    lr: Annotated[float, typer.Option(help="Learning rate of the LoRA adapter.")] = 2e-3,
+    beta: Annotated[float, typer.Option(help="DPO beta: the pull towards the serving version.")] = 0.1,
+    no_promote: Annotated[bool, typer.Option("--no-promote", help="Gate and register the candidate, but never promote it.")] = False,
+):
+    """DPO on the A/B choices users made between images: a candidate LoRA adapter, gated on
+    held-out prompts (preference accuracy, drift of the images it draws) and promoted in the
+    registry only if it clears every bar.
+
+    Example: genlab image improve runs/t2i/model --feedback feedback.db
+    """
+    from genlab.image.feedback import ImagePreferConfig, improve_images
+
+    if not feedback.is_file():
+        raise InvalidParameterError(f"{feedback}: no such feedback database (genlab image serve --db writes it)")
+    report = improve_images(model_dir, feedback, registry, runs, ImagePreferConfig(epochs=epochs, lr=lr, beta=beta),
+                            promote=not no_promote, console=err)
+    out.print(f"report: {report.out_dir / 'report.json'}", highlight=False)

@@ -28,7 +28,7 @@ from genlab.generate.batcher import Request as EngineRequest
 from genlab.generate.sampling import SamplingParams
 from genlab.model import adapters as lora
 from genlab.serve.auth import KeyRing
-from genlab.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, FeedbackRequest
+from genlab.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, FeedbackRequest, ImageRequest
 
 log = logging.getLogger("genlab.serve")
 RAG_SUFFIX = "+docs"
@@ -55,6 +55,8 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     max_prompt_chars: int = 100_000
     default_max_tokens: int = 256
+    image_model: str | Path | None = None  # text-to-image model folder served at /v1/images/generations
+    image_registry: str | Path | None = None  # its version registry (genlab image improve writes it)
 
 
 class APIError(Exception):
@@ -201,6 +203,15 @@ class Server:
         from genlab.generate.sequential import SequentialWorker
 
         self.model, self.config = model, config
+        self.feedback = FeedbackStore(config.db)
+        self.images = None
+        if config.image_model is not None:  # before the text model: an image-only server has none
+            from genlab.serve.images import ImageService
+
+            self.images = ImageService(config.image_model, self.feedback, registry=config.image_registry)
+        if model is None:
+            self._image_only(config)
+            return
         self.name = config.name or (Path(model.path).name if model.path else "genlab")
         self.registry, self.serving = None, None
         self._reward = None  # best_of's reward model, loaded on first use
@@ -226,7 +237,6 @@ class Server:
         base = folder_version(model.path) if model.path else None
         self.versions = {lora.BASE: base, **{name: f"{base}+{name}@{folder_version(folder)}"
                                              for name, folder in model.adapters.items()}}
-        self.feedback = FeedbackStore(config.db)
         self.keys = KeyRing.load(config.api_keys, config.api_keys_file)
         self.retriever = None
         if config.store is not None:
@@ -234,6 +244,18 @@ class Server:
 
             self.retriever = Retriever(config.store, config.embedder)
         self._embedder = None
+
+    def _image_only(self, config: ServeConfig) -> None:
+        """No text model: the image endpoint, feedback and the UI only."""
+        if self.images is None:
+            raise InvalidParameterError("nothing to serve: give a text model or an image model folder")
+        if config.registry is not None or config.improve_every or config.store is not None:
+            raise InvalidParameterError("registry, improve_every and store need a text model "
+                                        "(an image model's registry is image_registry)")
+        self.name, self.registry, self.serving, self.worker, self.context = self.images.name, None, None, None, 0
+        self.versions, self.retriever, self._embedder, self._reward = {}, None, None, None
+        self.improver = self.improved_at = None
+        self.keys = KeyRing.load(config.api_keys, config.api_keys_file)
 
     @property
     def embedder(self):
@@ -309,6 +331,9 @@ class Server:
         return self._reward
 
     def model_ids(self) -> list[str]:
+        """The text model ids (the image model's is `images.name`)."""
+        if self.model is None:
+            return []
         names = [self.name] + [f"{self.name}:{a}" for a in self.model.adapters]
         if self.retriever is not None:
             names += [n + RAG_SUFFIX for n in names]
@@ -328,7 +353,10 @@ class Server:
         return adapter, rag
 
     def close(self):
-        self.worker.close()
+        if self.worker is not None:
+            self.worker.close()
+        if self.images is not None:
+            self.images.close()
         self.feedback.close()
         if self.registry is not None:
             self.registry.close()
@@ -373,11 +401,22 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        watcher = asyncio.create_task(server.follow_registry()) if server.registry is not None else None
+        watchers = [asyncio.create_task(server.follow_registry())] if server.registry is not None else []
+        if server.images is not None and server.images.registry is not None:
+            watchers.append(asyncio.create_task(follow_image_registry()))
         yield
-        if watcher is not None:
+        for watcher in watchers:
             watcher.cancel()
         server.close()
+
+    async def follow_image_registry():
+        while True:
+            await asyncio.sleep(config.poll_seconds)
+            try:
+                if await asyncio.to_thread(server.images.refresh):
+                    log.info("images: now serving %s", server.images.version)
+            except Exception:  # a broken registry must not take serving down
+                log.exception("image registry check failed")
 
     app = FastAPI(title="genlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -420,13 +459,30 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         version = server.serving["name"] if server.serving else None
-        return {"status": "ok", "model": server.name, "version": version, "engine": config.engine, **server.worker.load}
+        body = {"status": "ok", "model": server.name, "version": version, "engine": config.engine,
+                **(server.worker.load if server.worker is not None else {})}
+        if server.images is not None:
+            body["image_model"], body["image_version"] = server.images.name, server.images.version
+        return body
 
     @app.get("/v1/models")
     async def models(user=Depends(user_of)):
         created = int(time.time())
         data = [{"id": m, "object": "model", "created": created, "owned_by": "genlab"} for m in server.model_ids()]
+        if server.images is not None:  # "modality" tells the web UI which mode a model belongs to
+            data.append({"id": server.images.name, "object": "model", "created": created, "owned_by": "genlab",
+                         "modality": "image"})
         return {"object": "list", "data": data}
+
+    @app.post("/v1/images/generations")
+    async def image_generations(body: ImageRequest, user=Depends(user_of)):
+        if server.images is None:
+            raise APIError(404, "this server has no text-to-image model (genlab image serve MODEL serves one)",
+                           "model_not_found", "model")
+        try:
+            return await asyncio.to_thread(server.images.generate, body, user)
+        except (LookupError, InvalidParameterError) as e:
+            raise as_api_error(e) from None
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, user=Depends(user_of)):

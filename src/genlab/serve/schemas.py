@@ -137,3 +137,30 @@ class FeedbackRequest(BaseModel):
         if isinstance(v, bool):
             raise ValueError("rating must be an integer (-1/1 thumbs, 1-5 stars), not a boolean")
         return v
+
+
+class ImageRequest(BaseModel):
+    """POST /v1/images/generations: OpenAI's fields (size, if given, must be the model's own;
+    images come back as b64_json PNGs) plus genlab's sampling controls."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=1000)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=16)
+    size: str | None = None
+    response_format: str = "b64_json"
+    user: str | None = Field(None, max_length=256)
+    # genlab extras
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    guidance: float | None = Field(None, ge=0, le=20)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+    @field_validator("response_format")
+    @classmethod
+    def _b64(cls, v):
+        if v != "b64_json":
+            raise ValueError("only b64_json is supported (this server keeps no image URLs)")
+        return v

@@ -72,9 +72,11 @@ async function loadModels() {
     const previous = select.value || localStorage.getItem(MODEL_STORE);
     select.replaceChildren(...data.map((m) => el("option", {
       value: m.id,
-      textContent: m.id.endsWith("+docs") ? `${m.id}  (answers with sources)` : m.id,
+      dataset: { modality: m.modality || "text" },
+      textContent: m.id.endsWith("+docs") ? `${m.id}  (answers with sources)` : m.modality === "image" ? `${m.id}  (images)` : m.id,
     })));
     if (data.some((m) => m.id === previous)) select.value = previous;
+    showMode();
     setStatus(`${data.length} model${data.length === 1 ? "" : "s"} available`);
   } catch (e) {
     select.replaceChildren();
@@ -347,7 +349,68 @@ function stopped(e) {
   return e && e.name === "AbortError";
 }
 
+// ---- image mode: the selected model draws images (/v1/images/generations) -------------------
+
+function imageMode() {
+  const option = $("#model").selectedOptions[0];
+  return Boolean(option && option.dataset.modality === "image");
+}
+
+function showMode() {
+  document.body.classList.toggle("image-mode", imageMode());
+  $("#prompt").placeholder = imageMode() ? "Caption, e.g. a cat wearing sunglasses (Enter draws two images)"
+    : "Message (Enter sends, Shift+Enter for a new line)";
+}
+
+// Two images for a caption, each with thumbs, and an A/B pick between them.
+async function sendImages() {
+  const g = numberOf("#guidance");
+  if (g !== null && !(g >= 0 && g <= 20)) return setStatus("Guidance must be between 0 and 20.", true);
+  const text = takePrompt();
+  if (text === null) return;
+  setBusy(true);
+  addUser(text);
+  const hint = el("div", { className: "pair-hint muted", textContent: "Rate each image, or pick the better one." });
+  const pair = el("div", { className: "pair images" });
+  $("#messages").append(el("div", { className: "compare" }, hint, pair));
+  const body = { model: $("#model").value, prompt: text, n: 2, temperature: numberOf("#temperature") };
+  if (g !== null) body.guidance = g;
+  if (numberOf("#seed") !== null) body.seed = numberOf("#seed");
+  try {
+    const { data, ignored_words: ignored } = await (await api("/v1/images/generations", body)).json();
+    if (ignored.length) hint.textContent += ` Words the model does not know were left out: ${ignored.join(", ")}.`;
+    const nodes = data.map((image, i) => {
+      const node = el("div", { className: "message assistant image-card", dataset: { completionId: image.id } },
+        el("img", { className: "generated", src: `data:image/png;base64,${image.b64_json}`, alt: `image ${i + 1} for: ${text}` }),
+        el("div", { className: "meta" }));
+      pair.append(node);
+      return node;
+    });
+    nodes.forEach((node, i) => {
+      const status = el("span", { className: "feedback-status" });
+      addFeedbackControls(node, "", status);
+      $(".correct", node).remove(); // an image has no text to correct
+      const better = el("button", { className: "better", type: "button", textContent: "✓ This one is better" });
+      better.onclick = async () => {
+        const chosen = data[i].id, other = data[1 - i].id;
+        if (await postFeedback({ completion_id: chosen, preferred: chosen, rejected: other }, status)) {
+          node.classList.add("chosen");
+          nodes[1 - i].classList.add("rejected");
+          pair.querySelectorAll(".better").forEach((b) => b.remove());
+        }
+      };
+      $(".meta", node).prepend(better);
+    });
+  } catch (e) {
+    hint.textContent = e.message;
+    hint.className = "pair-hint error";
+  } finally {
+    setBusy(false);
+  }
+}
+
 async function send() {
+  if (imageMode()) return sendImages();
   const text = takePrompt();
   if (text === null) return;
   setBusy(true);
@@ -366,6 +429,7 @@ async function send() {
 }
 
 async function compare() {
+  if (imageMode()) return sendImages();
   const text = takePrompt();
   if (text === null) return;
   setBusy(true);
@@ -430,7 +494,10 @@ function bindApiKey(reload) {
 
 function initChat() {
   bindApiKey(loadModels);
-  $("#model").onchange = () => localStorage.setItem(MODEL_STORE, $("#model").value);
+  $("#model").onchange = () => {
+    localStorage.setItem(MODEL_STORE, $("#model").value);
+    showMode();
+  };
   $("#composer").onsubmit = (e) => {
     e.preventDefault();
     send();
