@@ -67,13 +67,14 @@ def main() -> None:
     ap.add_argument("--model", help="an existing music model folder (skip training)")
     ap.add_argument("--out", default="runs/bench-music")
     ap.add_argument("--preset", default="2m")
-    ap.add_argument("--max-steps", type=int, default=900)
+    ap.add_argument("--max-steps", type=int, default=4000)
     ap.add_argument("--max-minutes", type=float, default=7.5)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)),
+                    help="CPU threads (default: OMP_NUM_THREADS, else 1)")
     ap.add_argument("--tunes", type=int, default=100, help="generated tunes, spread over the conditions")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--reference", type=int, default=200, help="held-out real tunes described for reference")
@@ -86,12 +87,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from rich.console import Console
 
+    from genlab.fsutil import atomic_write_text
     from genlab.lm import load
     from genlab.music.baseline import CharNgram
     from genlab.music.codec import conditioning, music_model_spec
     from genlab.music.corpus import music21_corpus
     from genlab.music.generate import GenerationResult, generate_for, write_abc, write_midi
-    from genlab.music.train import model_bits, train_music
+    from genlab.music.train import fit_context, model_bits, train_music
 
     console = Console(stderr=True)
     out = Path(args.out)
@@ -107,9 +109,10 @@ def main() -> None:
         train_s, model_dir, report = time.perf_counter() - t0, run.model_dir, run.report
         train, heldout = ([json.loads(line)["text"] for line in (out / "corpus" / f"{s}.jsonl").open()]
                           for s in ("train", "heldout"))  # the tunes that fit the context, as trained
-    else:
-        model_dir, report, train, heldout = Path(args.model), None, corpus.train, corpus.heldout
-    model = load(model_dir, device=args.device)
+    model = load(args.model or model_dir, device=args.device)
+    if args.model:  # the tunes that fit this model's context whole, as training would have kept
+        fitted = fit_context(corpus, model.tokenizer, model.max_seq_len, console.print)
+        model_dir, report, train, heldout = Path(args.model), None, fitted.train, fitted.heldout
     held = model_bits(model, heldout)
     ngrams = {}
     for order in range(3, 9):
@@ -124,6 +127,10 @@ def main() -> None:
     gen = generate_for(model, conds, per, seed=args.seed, temperature=args.temperature, log=console.print)
     gen_s = time.perf_counter() - t0
     summary = gen.summary()
+    # the same tunes' seeds without the printable-ASCII restriction (codec.AbcAlphabet): what the
+    # model does when any byte may be sampled
+    unrestricted = generate_for(model, conds, per, seed=args.seed, temperature=args.temperature,
+                                ascii_only=False).summary()
     t0 = time.perf_counter()
     generated = describe([t.text for t in gen.tunes])
     reference = describe(heldout[: args.reference])
@@ -144,10 +151,12 @@ def main() -> None:
                           "char_ngram_bits_per_char": ngrams, "vs_5gram": held["bits_per_char"] / ngrams[5],
                           "vs_best_ngram": held["bits_per_char"] / min(ngrams.values())},
               "generation": {**summary, "temperature": args.temperature, "by_condition": by_condition,
-                             "seconds": round(gen_s, 1), "tokens": sum(t.tokens for t in gen.tunes)},
+                             "seconds": round(gen_s, 1), "tunes_per_s": summary["tunes"] / gen_s,
+                             "tokens": sum(t.tokens for t in gen.tunes)},
+              "generation_any_byte": unrestricted,
               "generated": generated, "heldout_reference": reference, "describe_s": round(describe_s, 1),
               "files": [str(f) for f in files + list(midi)], "floor_parse_rate_0.95": floor}
-    (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(result, indent=2, default=str))
 
     print(f"corpus: {corpus.report['tunes_kept']:,} tunes kept of {corpus.report['tunes_found']:,} "
           f"({len(train):,} train, {len(heldout):,} held out)")
@@ -160,8 +169,11 @@ def main() -> None:
     print("          char n-gram (KN) bits/char: " + "  ".join(f"{o}: {b:.3f}" for o, b in ngrams.items()))
     print(f"          model / 5-gram = {held['bits_per_char'] / ngrams[5]:.3f}; model / best n-gram = "
           f"{held['bits_per_char'] / min(ngrams.values()):.3f}")
-    print(f"generation: {summary['tunes']} tunes in {gen_s:.0f}s; parse with music21 {summary['parsed']}/{summary['tunes']} "
-          f"({summary['parse_rate']:.1%}); failures {summary['failure_reasons'] or 'none'}")
+    print(f"generation: {summary['tunes']} tunes in {gen_s:.0f}s ({summary['tunes'] / gen_s:.2f} tunes/s); parse with "
+          f"music21 {summary['parsed']}/{summary['tunes']} ({summary['parse_rate']:.1%}); failures "
+          f"{summary['failure_reasons'] or 'none'}")
+    print(f"          any byte allowed (ascii_only=False): {unrestricted['parsed']}/{unrestricted['tunes']} "
+          f"({unrestricted['parse_rate']:.1%}); failures {unrestricted['failure_reasons'] or 'none'}")
     print("          per condition: " + ", ".join(f"{k} {v}" for k, v in by_condition.items()))
     for name, d in (("generated", generated), ("held-out real", reference)):
         ka = f"{d['key_agreement']:.1%} of {d['key_checked']}" if d["key_agreement"] is not None else "n/a"

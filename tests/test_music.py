@@ -131,6 +131,30 @@ def test_header_prefix_round_trip_and_conditioning():
             check_meter(bad)
 
 
+def test_abc_tokenizer_round_trip_and_alphabet(tmp_path):
+    from genlab.codecs.text import load_tokenizer
+    from genlab.music.codec import AbcAlphabet, train_abc_tokenizer
+
+    tunes = [header_prefix(k, m, "1/8") + b for k in TOY_KEYS for m, b in BODY.items()]
+    train_abc_tokenizer(tunes, vocab_size=320, out_dir=tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    for t in tunes[:5] + ["M:6/8\nL:1/8\nK:D\n^c _B =f \u266f \u6771"]:  # any text round-trips exactly
+        ids = loaded(t)["input_ids"]
+        assert ids[0] == loaded.bos_token_id and loaded.decode(ids, skip_special_tokens=True) == t
+    for t in tunes:  # a header prompt is tokenized exactly as the start of a training tune
+        ids, prompt = loaded(t)["input_ids"], loaded(join_tune(split_tune(t)[0], ""))["input_ids"]
+        assert ids[:len(prompt)] == prompt and len(prompt) < len(ids)
+        assert all("\n" not in loaded.decode([i])[:-1] for i in ids)  # no merge crosses a line end
+    # merges across GPT-2's letter / digit / punctuation split: fewer tokens than genlab's text default
+    plain = train_abc_tokenizer(tunes, vocab_size=320, split_words=True)
+    assert sum(map(len, loaded(tunes)["input_ids"])) < 0.8 * sum(map(len, plain(tunes)["input_ids"]))
+    allowed = AbcAlphabet(loaded).allowed
+    assert allowed[loaded.eos_token_id] and not allowed[loaded.bos_token_id] and not allowed[loaded.pad_token_id]
+    assert allowed[loaded.convert_tokens_to_ids("G")] and not allowed[loaded.convert_tokens_to_ids("\u00c3")]  # byte 0xC3
+    anything = AbcAlphabet(loaded, ascii_only=False).allowed
+    assert anything[loaded.convert_tokens_to_ids("\u00c3")] and not anything[loaded.convert_tokens_to_ids("<|end|>")]
+
+
 def test_char_ngram_bits_per_char():
     periodic = CharNgram(3).fit(["abc" * 60] * 5)
     assert periodic.bits_per_char(["abc" * 30]) < 0.15  # a period-3 text is nearly free

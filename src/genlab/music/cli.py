@@ -47,6 +47,7 @@ def music_train(
     config: Config = None,
     preset: Preset = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="BPE vocabulary trained on the training tunes.")] = None,
+    split_words: Annotated[Optional[bool], typer.Option("--split-words/--no-split-words", help="Tokenizer: genlab's text pre-split into letters / digits / punctuation (default: off; merges over whole ABC lines).")] = None,
     heldout_fraction: Annotated[Optional[float], typer.Option(help="Share of tunes held out for bits per token / character.")] = None,
     baseline_order: Annotated[Optional[int], typer.Option(help="Order of the character Kneser-Ney n-gram baseline.")] = None,
     seq_len: SeqLen = None,
@@ -69,7 +70,7 @@ def music_train(
     from genlab.music.train import train_music
 
     overrides = dict(out=str(out_dir) if out_dir else None, abc=[str(d) for d in data] if data else None,
-                     preset=preset, vocab_size=vocab_size, heldout_fraction=heldout_fraction,
+                     preset=preset, vocab_size=vocab_size, split_words=split_words, heldout_fraction=heldout_fraction,
                      baseline_order=baseline_order, seq_len=seq_len, batch_size=batch_size, max_steps=max_steps,
                      max_minutes=max_minutes, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, seed=seed, device=device)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from genlab.errors import InvalidParameterError
 from genlab.fsutil import atomic_write_text
-from genlab.music.codec import Conditioning, check_header, conditioning, music_model_spec
+from genlab.generate.sampling import SamplingParams
+from genlab.music.codec import AbcAlphabet, Conditioning, check_header, conditioning, music_model_spec
 from genlab.music.corpus import TuneCheck, check_tune
 
 
@@ -98,18 +99,21 @@ def load_music_model(model, device: str = "cpu"):
 
 def generate_tunes(model, key: str = "D", meter: str = "6/8", n: int = 4, unit: str | None = None, seed: int = 0,
                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                   max_new_tokens: int | None = None, log=None) -> GenerationResult:
+                   max_new_tokens: int | None = None, log=None, ascii_only: bool = True) -> GenerationResult:
     """`n` tunes in `key` and `meter` (validated: a clear InvalidParameterError for a bad value).
     `model`: a LanguageModel, a music model folder or a `genlab music train` run folder."""
     check_header(key, meter, unit)  # bad input fails before the model loads
     model = load_music_model(model)
     cond = conditioning(music_model_spec(model), key, meter, unit)
-    return generate_for(model, [cond], n, seed, temperature, top_p, top_k, max_new_tokens, log)
+    return generate_for(model, [cond], n, seed, temperature, top_p, top_k, max_new_tokens, log, ascii_only)
 
 
 def generate_for(model, conditions: list[Conditioning], n: int, seed: int = 0, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, max_new_tokens: int | None = None, log=None) -> GenerationResult:
-    """`n` tunes for each of several conditionings, batched in one call of the engine."""
+                 top_p: float = 1.0, top_k: int = 0, max_new_tokens: int | None = None, log=None,
+                 ascii_only: bool = True) -> GenerationResult:
+    """`n` tunes for each of several conditionings, batched in one call of the engine. Sampling
+    is restricted to the codec's alphabet (codec.AbcAlphabet; `ascii_only=False` lets any byte
+    through)."""
     if not isinstance(n, int) or n < 1:
         raise InvalidParameterError("n must be an integer >= 1")
     result = GenerationResult()
@@ -125,8 +129,11 @@ def generate_for(model, conditions: list[Conditioning], n: int, seed: int = 0, t
         raise InvalidParameterError(f"max_new_tokens {budget} does not fit the model's context ({model.max_seq_len} "
                                     f"tokens, prompt {longest})")
     start = time.perf_counter()
-    outs = model.generate(prompts, n=n, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
-                          max_new_tokens=budget)
+    params = SamplingParams(n=n, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=budget)
+    alphabet = AbcAlphabet(model.tokenizer, ascii_only)  # one object serves every row: it keeps no state
+    with model.using(None):
+        outs = model.engine.generate([model.encode(p) for p in prompts], params,
+                                     constraints=[alphabet] * (len(prompts) * n))
     for out in outs:
         c = conditions[out.prompt_index]
         text = c.prompt + out.text.rstrip()
