@@ -13,7 +13,6 @@ A model folder carries the tokenizer as `image_codec.json` (config) + `image_cod
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -226,17 +225,13 @@ class ImageTokenizer(nn.Module):
         name and a rename, so a model folder never holds half a codec)."""
         from safetensors.torch import save_file
 
-        from genlab.fsutil import write_json
+        from genlab.fsutil import atomic_file, write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = folder / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-        try:
+        with atomic_file(folder / WEIGHTS_FILE) as tmp:
             save_file(state, tmp, metadata={"format": "pt"})
-            os.replace(tmp, folder / WEIGHTS_FILE)
-        finally:
-            tmp.unlink(missing_ok=True)
         write_json(folder / CONFIG_FILE, self.to_dict())
 
     @classmethod

@@ -25,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from genlab.data.images import read_image_folder
 from genlab.errors import InvalidParameterError, ModelLoadError
-from genlab.fsutil import atomic_dir, save_figure, write_json
-from genlab.train.curves import MetricsLog
+from genlab.fsutil import atomic_dir, atomic_file, write_json
+from genlab.train.curves import MetricsLog, plot_curves
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as in the diffusers example
@@ -178,13 +178,8 @@ def save_grid(images, path, columns: int | None = None, pad: int = 2):
     for k, im in enumerate(images):
         grid.paste(im.convert("RGB"), ((k % columns) * (w + pad), (k // columns) * (h + pad)))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
+    with atomic_file(path) as tmp:  # readers never see half a PNG
         grid.save(tmp, format="PNG")
-        os.replace(tmp, path)  # readers never see half a PNG
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -262,20 +257,9 @@ def _eval_loss(unet, sched, enc, fixed, chunk: int) -> float:
 
 
 def _plot(records: list[dict], png: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(*zip(*[(r["step"], r["loss"]) for r in records if "loss" in r]), label="train loss (random noise)", alpha=0.6)
-    ax.plot(*zip(*[(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]), "o-",
-            label="loss on fixed images / noise / timesteps")
-    ax.set(xlabel="step", ylabel="noise-prediction MSE", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, png)
+    return plot_curves(records, png, title, ylabel="noise-prediction MSE", x="step",
+                       train=("loss", "train loss (random noise)"),
+                       val=("eval_loss", "loss on fixed images / noise / timesteps"))
 
 
 def _check_out(out: Path, data_dir: Path) -> None:

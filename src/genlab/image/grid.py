@@ -39,12 +39,9 @@ def save_grid(images: np.ndarray, png, columns: int = 4, labels: list[str] | Non
     """Write the sheet to `png` via a temporary name and a rename."""
     from PIL import Image
 
+    from genlab.fsutil import atomic_file
+
     png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    try:
+    with atomic_file(png) as tmp:
         Image.fromarray(grid_array(images, columns, labels, scale)).save(tmp, format="PNG")
-        tmp.replace(png)
-    finally:
-        tmp.unlink(missing_ok=True)
     return png

@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from genlab.codecs.image import ImageCodecConfig, ImageTokenizer, codebook_stats, psnr
 from genlab.errors import DataError, InvalidParameterError
-from genlab.fsutil import save_figure, write_json
-from genlab.train.curves import MetricsLog
+from genlab.fsutil import atomic_file, write_json
+from genlab.train.curves import MetricsLog, plot_curves
 
 EVAL_FILE = "tokenizer_eval.json"
 
@@ -91,37 +91,14 @@ def comparison_grid(originals: np.ndarray, recons: np.ndarray, png, columns: int
             y, x = gap + (2 * r + k) * (cell + gap), gap + c * (cell + gap)
             sheet[y:y + cell, x:x + cell] = img.repeat(scale, 0).repeat(scale, 1)
     png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    try:
-        Image.fromarray(sheet).save(tmp)
-        tmp.replace(png)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(png) as tmp:
+        Image.fromarray(sheet).save(tmp, format="PNG")
     return png
 
 
 def _plot(records: list[dict], png: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_mse"]) for r in records if "val_mse" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    if train:
-        ax.plot(*zip(*train), label="train MSE", alpha=0.7)
-    if val:
-        ax.plot(*zip(*val), "o-", label="held-out MSE (uint8 round trip)")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("pixel MSE (pixels in [0, 1])")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, png)
+    return plot_curves(records, png, title, ylabel="pixel MSE (pixels in [0, 1])", x="step", train=("loss", "train MSE"),
+                       val=("val_mse", "held-out MSE (uint8 round trip)"), log_y=True)
 
 
 def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

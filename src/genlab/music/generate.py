@@ -11,15 +11,13 @@ reason, to `<out>.failed.abc` beside the output, never dropped silently.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from genlab.errors import InvalidParameterError
-from genlab.fsutil import atomic_write_text
+from genlab.fsutil import atomic_file, atomic_write_text
 from genlab.generate.sampling import SamplingParams
 from genlab.music.codec import AbcAlphabet, Conditioning, check_header, conditioning, music_model_spec
 from genlab.music.corpus import TuneCheck, check_tune
@@ -144,19 +142,6 @@ def generate_for(model, conditions: list[Conditioning], n: int, seed: int = 0, t
     return result
 
 
-def _replace_into(path: Path, write) -> None:
-    """Write a file through `write(tmp_path)` under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def failed_path(abc_path: Path) -> Path:
     return abc_path.with_name(abc_path.stem + ".failed.abc")
 
@@ -202,7 +187,8 @@ def write_midi(result: GenerationResult, path: str | Path) -> tuple[list[Path], 
             if m.timeSignature is not None:
                 m.timeSignature = copy.deepcopy(m.timeSignature)
         try:
-            _replace_into(p, lambda tmp: score.write("midi", fp=str(tmp)))
+            with atomic_file(p) as tmp:
+                score.write("midi", fp=str(tmp))
             written.append(p)
         except Exception as e:  # music21's MIDI writer raises many types
             errors.append(f"tune {i}: {type(e).__name__}: {e}")

@@ -84,7 +84,7 @@ def synth_sample(
     import time
 
     from genlab.data.tables import read_table
-    from genlab.fsutil import atomic_write_text
+    from genlab.fsutil import atomic_file, atomic_write_text
     from genlab.synth.model import TableModel, load_table_model
 
     table_model = load_table_model(model, device=device)
@@ -100,9 +100,8 @@ def synth_sample(
         err.print(f"dropped {dropped:,} drawn rows equal to a row of {no_copies_of} "
                   f"({dropped / (dropped + n):.1%} of draws)", highlight=False)
     if out_file.suffix == ".parquet":
-        tmp = out_file.with_name(f".{out_file.name}.tmp")
-        rows.to_parquet(tmp, index=False)
-        tmp.replace(out_file)
+        with atomic_file(out_file) as tmp:
+            rows.to_parquet(tmp, index=False)
     else:
         atomic_write_text(out_file, rows.to_csv(index=False))
     out.print(f"{n:,} rows x {rows.shape[1]} columns in {seconds:.1f}s ({n / seconds:,.0f} rows/s) -> {out_file}")

@@ -26,23 +26,25 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 
-def plot_curves(records: list[dict], png: Path, title: str = "training", ylabel: str = "cross-entropy (nats/token)") -> Path:
+def plot_curves(records: list[dict], png: Path, title: str = "training", ylabel: str = "cross-entropy (nats/token)",
+                x: str = "tokens", train: tuple[str, str] = ("loss", "train loss"),
+                val: tuple[str, str] = ("val_loss", "validation loss"), log_y: bool = False) -> Path:
+    """A train curve and a validation curve from metric records: `x` is the record key on the
+    x axis ("tokens" or "step"); `train` and `val` are (record key, legend label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    if train:
-        ax.plot(*zip(*train), label="train loss", alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    for (key, label), style in ((train, dict(alpha=0.8)), (val, dict(marker="o"))):
+        points = [(r[x], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, **style)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(xlabel="tokens seen" if x == "tokens" else x, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, png)
