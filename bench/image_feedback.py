@@ -8,12 +8,16 @@
 2. a `SimulatedImageUser` asks for 4 images per caption (cat captions from the train split, none
    of the evaluation captions), at a low guidance that gives some variety; the scene checker
    decides whether a cat wears sunglasses (thumbs on every image) and, graded by its sunglasses
-   evidence, which of the 4 is best: an A/B choice of the best over the worst;
-3. `improve_images`: DPO on those pairs (LoRA), gated on held-out feedback prompts by preference
+   evidence, which of the 4 is best: an A/B choice of the best over the worst when their scores
+   differ by at least --margin (most requests show no sunglasses at all: at 0.05, 300 requests
+   gave 17 pairs, too few for the gate; 800 requests at 0.01 give ~60);
+3. `improve_images`: DPO on those pairs (LoRA), gated on held-out feedback captions (a stable hash
+   of the caption: --heldout-fraction 0.4, as the 153 distinct captions of 800 requests repeat
+   and 0.25 held out only 5 of 61 pairs; the gate needs 4, the bench wants >= 10) by preference
    accuracy, the user's own criterion (win rate on fresh images) and the drift bar, promoted in
    the registry only if every bar is cleared; the running server swaps to it;
 4. the sunglasses rate on evaluation captions that no feedback used, before (v1) and after (the
-   promoted version), same seeds, at the user's guidance and at guidance 1 and the model default,
+   candidate, promoted or not), same seeds, at the user's guidance and at guidance 1 and the model default,
    with Wilson 95% intervals.
 """
 
@@ -85,9 +89,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20000, help="scenes for the base model")
     ap.add_argument("--base-steps", type=int, default=4000)
     ap.add_argument("--base-minutes", type=float, default=15.0)
-    ap.add_argument("--requests", type=int, default=300, help="the user's image requests (4 images each)")
+    ap.add_argument("--requests", type=int, default=800, help="the user's image requests (4 images each)")
+    ap.add_argument("--margin", type=float, default=0.01,
+                    help="the user makes an A/B choice only when the best image's score beats the worst's by this")
     ap.add_argument("--user-guidance", type=float, default=0.5)
     ap.add_argument("--per-caption", type=int, default=200, help="evaluation images per caption and setting")
+    ap.add_argument("--heldout-fraction", type=float, default=0.4,
+                    help="share of the feedback captions (by a stable hash) the gate judges on and training never sees")
     ap.add_argument("--epochs", type=float, default=4.0)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -115,13 +123,15 @@ def main() -> None:
     app = create_app(None, ServeConfig(image_model=model_dir, image_registry=registry, db=db, poll_seconds=0.5))
     with background(app) as url:
         t = time.perf_counter()
-        user = SimulatedImageUser(url, judge, seed=args.seed, n=4, guidance=args.user_guidance, temperature=1.0)
+        user = SimulatedImageUser(url, judge, seed=args.seed, n=4, guidance=args.user_guidance, temperature=1.0,
+                                  margin=args.margin)
         report = user.session(feedback_captions(args.requests, args.seed + 5))
         seconds["feedback"] = time.perf_counter() - t
         console.print(f"user: {report.exchanges} images, {report.ratings} thumbs, {report.ab_choices} A/B choices "
                       f"({report.ties} requests with nothing to choose between) in {seconds['feedback']:.0f} s")
         t = time.perf_counter()
         result = improve_images(model_dir, db, registry, out / "improve", judge=judge,
+                                heldout_fraction=args.heldout_fraction,
                                 judge_sampling={"guidance": args.user_guidance, "temperature": 1.0},
                                 prefer=ImagePreferConfig(epochs=args.epochs, lr=args.lr, beta=args.beta, seed=args.seed),
                                 console=console)
@@ -131,6 +141,7 @@ def main() -> None:
             time.sleep(0.2)
         served = app.state.server.images.version
 
+    t = time.perf_counter()
     before = load_version(model_dir)
     after = load_version(model_dir, result.version["adapter"])
     rows = []
@@ -139,12 +150,19 @@ def main() -> None:
         ka, _ = sunglasses_rate(after, judge, g, args.per_caption, seed=10_000)
         rows.append({"guidance": g, "images": n, "before": kb, "after": ka,
                      "before_ci": wilson(kb, n), "after_ci": wilson(ka, n)})
-    print(f"\nimage feedback: {report.ab_choices} A/B pairs and {report.ratings} thumbs from a user who wants "
-          f"sunglasses; {result.version['name']} {'PROMOTED' if result.promoted else 'NOT promoted'} "
+    seconds["evaluate"] = time.perf_counter() - t
+    held = result.metrics["heldout_pairs"]
+    print(f"\nimage feedback: {report.ab_choices} A/B pairs (margin {args.margin:g}; {report.ab_choices - held} "
+          f"trained on, {held} held out) and {report.ratings} thumbs from a user who wants sunglasses; "
+          f"{result.version['name']} {'PROMOTED' if result.promoted else 'NOT promoted'} "
           f"(served after the swap: {served}) — {'; '.join(result.reasons)}")
+    if held < 10:
+        print(f"warning: only {held} held-out pairs; raise --requests or --heldout-fraction for a firmer gate")
+    print("gate metrics: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in result.metrics.items()))
     print(f"sunglasses rate on {len(EVAL_CAPTIONS)} captions no feedback used ({', '.join(EVAL_CAPTIONS)}), "
           f"{args.per_caption} images each, same seeds:")
-    print(f"{'guidance':>8} | {'before (v1)':>26} | {'after (' + result.version['name'] + ')':>26}")
+    print(f"{'guidance':>8} | {'before (v1)':>31} | {'after (' + result.version['name'] + ')':>31}")
     for r in rows:
         b, a = r["before_ci"], r["after_ci"]
         print(f"{r['guidance']:>8g} | {r['before']:>4}/{r['images']} = {r['before'] / r['images']:.3f} "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import sqlite3
 
 import numpy as np
@@ -161,6 +162,11 @@ def test_improve_images_promotes_a_winner_and_serves_it(model_dir, tmp_path, one
                             prefer=ImagePreferConfig(epochs=4, batch_size=8, lr=5e-3))
     assert report.metrics["heldout_pairs"] >= 4 and report.metrics["pref_accuracy"] >= 0.9
     assert report.promoted, report.reasons
+    written = json.loads((report.out_dir / "report.json").read_text())
+    assert written["promoted"] and written["method"] == "dpo" and written["version"]["name"] == "v2"
+    assert written["previous"]["name"] == "v1" and written["metrics"] == report.metrics
+    assert len(written["losses"]) == 15 and written["losses"][-1] < written["losses"][0]  # ceil(4 * 30 / 8) steps
+    assert (report.out_dir / "gate.png").stat().st_size > 0
     with Registry(tmp_path / "image-registry.db") as reg:
         assert reg.current()["name"] == "v2" and reg.current()["adapter"] == str(report.version["adapter"])
     app = create_app(None, ServeConfig(image_model=model_dir, image_registry=tmp_path / "image-registry.db",
@@ -202,3 +208,33 @@ def test_v1_database_upgrades_keeping_its_rows(tmp_path):
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
         assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 2
+
+
+def test_simulated_image_user_rates_every_image_and_picks_only_clear_winners(model_dir, tmp_path):
+    """Thumbs by the judge's `liked` bar on every image; an A/B choice of the best over the worst
+    image only when their scores differ by at least `margin` (a wider margin: fewer pairs)."""
+    from genlab.feedback.simulate import SimulatedImageUser
+    from genlab.serve.app import background
+
+    def brightness(captions, images):  # a judge that likes bright images
+        return [float(im.mean()) / 255 for im in np.asarray(images)]
+
+    db = tmp_path / "fb.db"
+    with background(create_app(None, ServeConfig(image_model=model_dir, db=db))) as url:
+        narrow = SimulatedImageUser(url, brightness, seed=1, n=3, liked=0.484, margin=0.0).session(["a cat"] * 4)
+        wide = SimulatedImageUser(url, brightness, seed=2, n=3, liked=0.484, margin=2.0).session(["a cat"] * 4)
+    assert narrow.exchanges == narrow.ratings == wide.ratings == 12
+    assert (narrow.ab_choices, narrow.ties, wide.ab_choices, wide.ties) == (4, 0, 0, 4)  # scores never differ by 2
+    model = load_version(model_dir)
+    with FeedbackStore(db) as store:
+        pairs = store.image_dataset("dpo")
+        rated = store.image_dataset("kto")
+    assert len(pairs) == 4 and len(rated) == 24 and {r["label"] for r in rated} == {True, False}
+    for row in pairs:  # the chosen image is the brighter one
+        chosen, rejected = (model.codec.image.decode((np.array(row[k][:-1]) - model.codec.image_offset)
+                                                     .reshape(1, *model.codec.image.grid)) for k in ("chosen", "rejected"))
+        assert chosen.mean() > rejected.mean()
+    for row in rated:
+        image = model.codec.image.decode((np.array(row["completion"][:-1]) - model.codec.image_offset)
+                                         .reshape(1, *model.codec.image.grid))
+        assert row["label"] == (image.mean() / 255 >= 0.484)

@@ -151,3 +151,29 @@ def test_fid(checker):
     ca, cb = condition_vectors(specs_a), condition_vectors(specs_b)
     mismatched = joint_fid(fa, ca, fb, cb[rng.permutation(300)])
     assert mismatched > 1.5 * joint_fid(fa, ca, fb, cb)  # the joint FID sees images that miss their captions
+
+
+def test_accessory_evidence_separates_cats_with_sunglasses_and_drives_the_judge(checker):
+    from genlab.feedback.simulate import sunglasses_judge
+
+    rng = np.random.default_rng(5)
+
+    def cats(sunglasses: bool) -> np.ndarray:
+        return np.stack([S.render(S.Scene((S.Obj("cat", size="large", x=rng.uniform(0.35, 0.65),
+                                                 y=rng.uniform(0.35, 0.65), sunglasses=sunglasses),)))
+                         for _ in range(40)])
+
+    worn, plain = cats(True), cats(False)
+    ev_worn, ev_plain = checker.accessory_evidence(worn, "sunglasses"), checker.accessory_evidence(plain)
+    assert ev_worn.shape == ev_plain.shape == (40,) and ev_worn.min() >= 0 and ev_worn.max() <= 1
+    assert np.median(ev_worn) > 0.5 > np.median(ev_plain), (np.median(ev_worn), np.median(ev_plain))
+    both = np.concatenate([worn, plain])
+    assert np.allclose(checker.accessory_evidence(both), np.concatenate([ev_worn, ev_plain]), atol=1e-6)
+    assert checker.accessory_evidence(both[:0]).shape == (0,)
+    with pytest.raises(InvalidParameterError, match="accessory must be one of"):
+        checker.accessory_evidence(worn, "scarf")
+
+    scores = np.array(sunglasses_judge(checker)([], both))  # 1 + evidence where a cat wears them, else the evidence
+    seen = np.array([any(d.kind == "cat" and d.sunglasses for d in found) for found in checker.detect(both)])
+    np.testing.assert_allclose(scores, seen + np.concatenate([ev_worn, ev_plain]), atol=1e-6)
+    assert (scores[:40] >= 1).mean() > 0.8 and (scores[40:] >= 1).mean() < 0.2

@@ -360,3 +360,81 @@ def test_api_key(model_dir, tmp_path, page):
         page.evaluate("localStorage.removeItem('genlab-api-key')")
         page.reload()
         expect(page.locator("#summary")).to_contain_text("401")
+
+
+def test_image_mode_draws_rates_and_picks(model_dir, tmp_path, page):
+    """A server with a text and an image model: choosing the image model switches the UI to image
+    mode (a guidance field, two images per caption, no corrections); what is shown is what was
+    recorded (the PNG decodes to the recorded token ids' image), thumbs and the A/B pick land in
+    the feedback database, and choosing the text model switches back."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from genlab.image.feedback import load_version
+    from test_image_feedback import tiny_image_model
+
+    images_dir = tiny_image_model(tmp_path / "t2i")
+    db = tmp_path / "fb.db"
+    with serving(create_app(genlab.load(model_dir), ServeConfig(db=db, image_model=images_dir))) as url:
+        page.goto(url + "/")
+        wait_models(page)
+        assert page.locator("#model option").evaluate_all("os => os.map(o => [o.value, o.dataset.modality])") == \
+            [["tiny", "text"], ["t2i", "image"]]
+        page.select_option("#model", "tiny")
+        expect(page.locator("body")).not_to_have_class(re.compile(r"\bimage-mode\b"))
+        expect(page.locator("#guidance")).to_be_hidden()
+        page.select_option("#model", "t2i")
+        expect(page.locator("body")).to_have_class(re.compile(r"\bimage-mode\b"))
+        expect(page.locator("#guidance")).to_be_visible()
+        assert "Caption" in page.get_attribute("#prompt", "placeholder")
+
+        page.fill("#guidance", "25")  # out of range: refused before any request
+        page.fill("#prompt", "a cat")
+        page.click("#send")
+        expect(page.locator("#status")).to_contain_text("Guidance must be between 0 and 20")
+        assert rows(db, "SELECT COUNT(*) FROM completions") == [(0,)]
+
+        page.fill("#guidance", "1.5")
+        page.fill("#temperature", "0.8")
+        page.fill("#seed", "7")
+        page.fill("#prompt", "a cat zebra")  # "zebra": not in the model's vocabulary
+        page.click("#send")
+        cards = page.locator(".pair.images .image-card")
+        expect(cards).to_have_count(2)
+        expect(page.locator(".pair-hint")).to_contain_text("left out: zebra")
+        ids = [cards.nth(i).get_attribute("data-completion-id") for i in range(2)]
+        assert all(i and i.startswith("img") for i in ids) and ids[0] != ids[1]
+        codec = load_version(images_dir).codec
+        for i, cid in enumerate(ids):
+            prompt, endpoint, params = rows(db, "SELECT prompt, endpoint, params FROM completions WHERE id = ?", cid)[0]
+            params = json.loads(params)
+            assert (prompt, endpoint) == ("a cat zebra", "images")
+            assert (params["seed"], params["guidance"], params["temperature"]) == (7 + i, 1.5, pytest.approx(0.8))
+            token_ids = json.loads(rows(db, "SELECT token_ids FROM choices WHERE completion_id = ?", cid)[0][0])
+            codes = np.array(token_ids[:-1]) - codec.image_offset
+            recorded = codec.image.decode(codes.reshape(1, *codec.image.grid))[0]
+            src = cards.nth(i).locator("img.generated").get_attribute("src")
+            assert src.startswith("data:image/png;base64,")
+            shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+            np.testing.assert_array_equal(shown, recorded)
+        assert cards.locator(".correct").count() == 0  # an image has no text to correct
+        expect(page.locator(".pair.images .better")).to_have_count(2)
+
+        cards.nth(0).locator(".thumbs-down").click()
+        expect(cards.nth(0).locator(".feedback-status")).to_have_text("saved")
+        expect(cards.nth(0).locator(".thumbs-down")).to_have_class(re.compile(r"\bon\b"))
+        cards.nth(1).locator(".better").click()
+        expect(cards.nth(1)).to_have_class(re.compile(r"\bchosen\b"))
+        expect(cards.nth(0)).to_have_class(re.compile(r"\brejected\b"))
+        expect(page.locator(".pair.images .better")).to_have_count(0)
+        assert rows(db, "SELECT completion_id, rating, preferred, rejected FROM feedback ORDER BY id") == [
+            (ids[0], -1, None, None), (ids[1], None, ids[1], ids[0])]
+        page.screenshot(path=str(screenshot_dir(tmp_path) / "webui-images.png"), full_page=True)
+
+        page.select_option("#model", "tiny")  # back to chat
+        expect(page.locator("body")).not_to_have_class(re.compile(r"\bimage-mode\b"))
+        assert "Message" in page.get_attribute("#prompt", "placeholder")

@@ -257,6 +257,17 @@ class SceneChecker:
         neighbourhood holds > 0.5 of it); attributes averaged over the peak's neighbourhood."""
         return [_decode(c, p) for cells, parts, _ in self._run(images) for c, p in zip(cells, torch.sigmoid(parts))]
 
+    def accessory_evidence(self, images, accessory: str = "sunglasses") -> np.ndarray:
+        """Per image, the checker's strongest evidence (0..1) that `accessory` is drawn anywhere:
+        the maximum of its accessory map [N], whether or not a cat is found under it (`detect`
+        decides that). Graded: of two images without the accessory, the one whose map comes closer
+        to firing scores higher."""
+        if accessory not in S.ACCESSORIES:
+            raise InvalidParameterError(f"accessory must be one of {', '.join(S.ACCESSORIES)}; got {accessory!r}")
+        a = S.ACCESSORIES.index(accessory)
+        maps = [torch.sigmoid(parts[:, a]).amax((1, 2)).double().numpy() for _, parts, _ in self._run(images)]
+        return np.concatenate(maps) if maps else np.zeros(0)
+
     def features(self, images) -> np.ndarray:
         """Mean- and max-pooled last feature map [N, 8 * width] (the space for `fid`)."""
         parts = [torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1).double().numpy() for _, _, f in self._run(images)]

@@ -163,6 +163,26 @@ def plot_gate(metrics: dict, gate: GateConfig, path: Path, title: str) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
+def settle(registry, model_dir, current: dict, adapter, method: str, data: dict, metrics: dict, gate: GateConfig,
+           reasons: list[str], promoted: bool, run: Path, timings: dict, extra: dict | None = None) -> dict:
+    """The end of an improve run: register the candidate (parent: the serving version), promote
+    or reject it with the gate's reasons, and write run/gate.png and run/report.json (plus
+    `extra`); the candidate's registry row."""
+    note = "; ".join(reasons)
+    version = registry.register(model_dir, adapter=adapter, parent=current["id"], method=method, data=data,
+                                metrics=metrics, note=note)
+    if promoted:
+        version = registry.promote(version["id"], note=note)
+    else:
+        version = registry.reject(version["id"], note=note, metrics=metrics)
+    plot_gate(metrics, gate, run / "gate.png",
+              f"{version['name']} vs {current['name']}: {'promoted' if promoted else 'not promoted'}")
+    write_json(run / "report.json", {"version": version, "previous": current, "promoted": promoted, "reasons": reasons,
+                                     "metrics": metrics, "gate": asdict(gate), "method": method, "seconds": timings,
+                                     **(extra or {})})
+    return version
+
+
 def improve(model_dir, feedback_db, registry_db=None, out_dir="runs/improve", method: str | None = None,
             prefer=None, gate: GateConfig | None = None, heldout_fraction: float = 0.25, reward: bool = True,
             promote: bool = True, console=None) -> ImproveReport:
@@ -207,18 +227,9 @@ def improve(model_dir, feedback_db, registry_db=None, out_dir="runs/improve", me
         ok, reasons = decide(metrics, gate)
         data = {"train_rows": len(rows), "heldout_pairs": len(dpo_held), "heldout_rated": len(kto_held),
                 "heldout_fraction": heldout_fraction, "reward_model": str(judge) if judge else None}
-        version = registry.register(model_dir, adapter=trained.adapter_dir, parent=current["id"], method=method,
-                                    data=data, metrics=metrics, note="; ".join(reasons))
-        if ok and promote:
-            version = registry.promote(version["id"], note="; ".join(reasons))
-        else:
-            version = registry.reject(version["id"], note="; ".join(reasons), metrics=metrics)
         timings["total_s"] = time.perf_counter() - start
-        plot_gate(metrics, gate, run / "gate.png", f"{version['name']} vs {current['name']}: "
-                  f"{'promoted' if ok and promote else 'not promoted'}")
-        write_json(run / "report.json", {"version": version, "previous": current, "promoted": ok and promote,
-                                         "reasons": reasons, "metrics": metrics, "gate": asdict(gate),
-                                         "method": method, "seconds": timings})
+        version = settle(registry, model_dir, current, trained.adapter_dir, method, data, metrics, gate, reasons,
+                         ok and promote, run, timings)
     finally:
         registry.close()
     report = ImproveReport(version, ok and promote, reasons, metrics, method, run, timings)

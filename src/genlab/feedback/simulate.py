@@ -131,14 +131,9 @@ def sunglasses_judge(checker) -> Callable:
     the caption says: 1 + p where the scene checker finds a cat wearing sunglasses, else p, with p
     the checker's strongest sunglasses evidence anywhere in the image (0..1): graded, so that of
     two images without sunglasses the one closer to them is preferred. Liked: score >= 1."""
-    import torch
-
-    from genlab.data.scenes import ACCESSORIES
-
-    part = ACCESSORIES.index("sunglasses")
 
     def score(captions: list[str], images) -> list[float]:
-        evidence = torch.cat([torch.sigmoid(parts[:, part]).amax((1, 2)) for _, parts, _ in checker._run(images)])
+        evidence = checker.accessory_evidence(images, "sunglasses")
         worn = [any(d.kind == "cat" and d.sunglasses for d in found) for found in checker.detect(images)]
         return [float(w) + float(e) for w, e in zip(worn, evidence)]
 

@@ -220,10 +220,9 @@ def improve_images(model_dir, feedback_db, registry_db=None, out_dir="runs/impro
     """`feedback/loop.improve` for a text-to-image model folder: DPO on the recorded A/B choices
     between images, the gate on held-out prompts, promotion in the registry (default:
     image-registry.db beside the feedback database) only if every bar is cleared."""
-    from genlab.feedback.loop import GateConfig, ImproveReport, decide, plot_gate, split_heldout
+    from genlab.feedback.loop import GateConfig, ImproveReport, decide, settle, split_heldout
     from genlab.feedback.registry import Registry
     from genlab.feedback.store import FeedbackStore
-    from genlab.fsutil import write_json
 
     cfg, gate = prefer or ImagePreferConfig(), gate or GateConfig()
     start = time.perf_counter()
@@ -249,18 +248,9 @@ def improve_images(model_dir, feedback_db, registry_db=None, out_dir="runs/impro
         reasons = [r.replace("reward-model win rate", "judged win rate") for r in reasons]
         data = {"train_rows": len(train), "heldout_pairs": len(held), "heldout_fraction": heldout_fraction,
                 "modality": "image"}
-        version = registry.register(model_dir, adapter=trained["adapter"], parent=current["id"], method="dpo",
-                                    data=data, metrics=metrics, note="; ".join(reasons))
-        if ok and promote:
-            version = registry.promote(version["id"], note="; ".join(reasons))
-        else:
-            version = registry.reject(version["id"], note="; ".join(reasons), metrics=metrics)
         timings["total_s"] = time.perf_counter() - start
-        plot_gate(metrics, gate, run / "gate.png", f"{version['name']} vs {current['name']}: "
-                  f"{'promoted' if ok and promote else 'not promoted'}")
-        write_json(run / "report.json", {"version": version, "previous": current, "promoted": ok and promote,
-                                         "reasons": reasons, "metrics": metrics, "gate": asdict(gate),
-                                         "method": "dpo", "seconds": timings, "losses": trained["losses"]})
+        version = settle(registry, model_dir, current, trained["adapter"], "dpo", data, metrics, gate, reasons,
+                         ok and promote, run, timings, extra={"losses": trained["losses"]})
     finally:
         registry.close()
     report = ImproveReport(version, ok and promote, reasons, metrics, "dpo", run, timings)
