@@ -43,6 +43,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-image")
     ap.add_argument("--images", type=int, default=30000, help="captioned training scenes")
+    ap.add_argument("--diverse", action=argparse.BooleanOptionalAction, default=True,
+                    help="training scenes with the training-only colours, shapes and bow tie (scenes.EXTRA_PALETTE)")
     ap.add_argument("--tokenizer", help="an existing image tokenizer folder (skip training one)")
     ap.add_argument("--checker", help="an existing scene checker folder (skip training one)")
     ap.add_argument("--preset", default="2m")
@@ -78,9 +80,9 @@ def main() -> None:
                   f"in the {args.budget_minutes:g}-minute budget")
 
     t = time.perf_counter()
-    data = out / f"scenes-{args.images}"
+    data = out / f"scenes-{args.images}{'-diverse' if args.diverse else ''}"
     if not data.exists():
-        S.write_folder(data, args.images, "train", seed=args.seed)
+        S.write_folder(data, args.images, "train", seed=args.seed, diverse=args.diverse)
     seconds["scenes"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -88,7 +90,7 @@ def main() -> None:
     if not args.tokenizer:
         from genlab.image.train import train_image_tokenizer
 
-        images, _, _ = S.make_dataset(2000, "train", seed=args.seed + 1)
+        images, _, _ = S.make_dataset(2000, "train", seed=args.seed + 1, diverse=args.diverse)
         res = train_image_tokenizer(images, tok_dir, steps=1500, batch_size=32, lr=3e-3, seed=args.seed, console=console)
         console.print(res.summary())
     seconds["tokenizer"] = time.perf_counter() - t

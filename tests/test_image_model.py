@@ -215,7 +215,10 @@ def test_fit_refuses_uncaptioned_data(tmp_path, image_tok_dir, scenes):
 
 # --- the command line -------------------------------------------------------------------------
 def test_cli_train_and_generate_end_to_end(tmp_path, image_tok_dir):
-    data = S.write_folder(tmp_path / "scenes", 48, "train", seed=1)
+    data = tmp_path / "scenes"
+    run = genlab("image", "scenes", data, "-n", 48, "--seed", 1, "--no-diverse")
+    assert run.returncode == 0 and "48 train scenes" in run.stdout, run.stderr
+    assert len(list(data.glob("*.png"))) == 48 and (data / "specs.jsonl").exists()
     run = genlab("image", "train", data, "--tokenizer", image_tok_dir, "--out", tmp_path / "run", "--max-steps", 4,
                  "--preset", "1m", "--batch-size", 8, "--caption-dropout", 0.2)
     assert run.returncode == 0, run.stderr

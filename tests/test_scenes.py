@@ -66,6 +66,27 @@ def test_heldout_combinations_never_in_train_but_their_parts_are():
     assert {"a cat wearing sunglasses", "a cat wearing a hat", "a sun above a tree"} <= train_caps
 
 
+
+def test_diverse_training_scenes_add_variety_but_no_heldout_combination():
+    rng = np.random.default_rng(9)
+    diverse = [S.sample_scene(rng, "train", diverse=True) for _ in range(4000)]
+    assert all(not S.heldout_parts(s) for s in diverse)
+    objects = [o for s in diverse for o in s.objects]
+    assert {o.colour for o in objects} >= set(S.EXTRA_PALETTE) and {o.kind for o in objects} >= set(S.EXTRA_SHAPES)
+    assert not {(o.colour, o.kind) for o in objects} & S.HELDOUT_COLOUR_SHAPES
+    assert not any(o.sunglasses and o.hat for o in objects)
+    # two accessories together, just never the held-out pair
+    assert any(o.bow_tie and o.sunglasses for o in objects) and any(o.bow_tie and o.hat for o in objects)
+    assert "a cat wearing sunglasses and a bow tie" in {s.caption for s in diverse}
+    # the core data is unchanged by the option's existence, and only training data may be diverse
+    images, captions, _ = S.make_dataset(20, "train", seed=3)
+    assert not any(w in c for c in captions for w in (*S.EXTRA_PALETTE, *S.EXTRA_SHAPES, "bow tie"))
+    with pytest.raises(InvalidParameterError, match="train split"):
+        S.make_dataset(2, "heldout", seed=3, diverse=True)
+    picture = S.render(next(s for s in diverse if s.objects[0].kind == "star"))
+    assert picture.shape == (32, 32, 3) and (picture < 200).any()  # drawn, not blank
+
+
 def _mask(image: np.ndarray, rgb) -> np.ndarray:
     return (np.abs(image.astype(int) - np.array(rgb)).sum(-1) < 60)
 
