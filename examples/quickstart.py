@@ -3,7 +3,7 @@
     bash scripts/quickstart.sh            # writes everything under runs/quickstart/
 
 1. Text codec: train a byte-level BPE tokenizer on CPython's bundled documentation.
-2. Pretraining: a ~2M-parameter Llama-family transformer learns that corpus for ~2.5 minutes
+2. Pretraining: a ~2M-parameter Llama-family transformer learns that corpus for ~2 minutes
    (validation loss, tokens/s, loss curve), saved as a Hugging Face folder; plain
    `transformers` loads it with the same logits.
 3. Generation: greedy decoding equals transformers' `generate`; seeded sampling; streaming.
@@ -21,8 +21,15 @@
    and rolling-origin backtests (zero-shot and per-series fine-tuned vs seasonal naive, ETS,
    ARIMA) on the bundled statsmodels series.
 9. Synthetic tables: a table model learns 80% of statsmodels' randhie (health insurance) as
-   token rows, samples new records through the row grammar (every row valid), and a report scores fidelity, utility and privacy against the 20% holdout,
-   beside independent marginals and a Gaussian copula.
+   token rows, samples new records through the row grammar (every row valid), and a report scores
+   fidelity, utility and privacy against the 20% holdout, beside independent marginals and a
+   Gaussian copula.
+10. Music: a tune model on music21's bundled ABC corpus for ~1 minute; held-out bits per character
+   next to a character Kneser-Ney n-gram fitted on the same tunes; 20 tunes over five keys / meters,
+   the share music21 parses, one tune written as ABC and MIDI.
+11. Images: a few thousand procedural captioned scenes; the FSQ image tokenizer (held-out PSNR next
+   to a mean-colour and a thumbnail baseline); a text-to-image model for ~1 minute (validation loss
+   before / after) and a grid for "a cat wearing sunglasses", "a red circle left of a blue square"...
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ def pretrain_tour(out: Path, summary: dict, max_steps: int):
     shutil.rmtree(run, ignore_errors=True)  # the tour always starts fresh
     result = genlab.pretrain(out=str(run), tokenizer=str(out / "tokenizer"), preset="2m", seq_len=256, batch_size=16,
                              max_steps=max_steps, warmup_steps=30, eval_every=50, checkpoint_every=100,
-                             max_minutes=4, lr=3e-3, device="cpu", console=console)
+                             max_minutes=3, lr=3e-3, device="cpu", console=console)
     model = genlab.load(result.model_dir)
     hf = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
     ids = torch.tensor([model.encode("def fibonacci(n):")])
@@ -297,7 +304,7 @@ def series_tour(out: Path, summary: dict, steps: int, finetune_steps: int):
 
     root = out / "series"
     shutil.rmtree(root, ignore_errors=True)
-    run = pretrain_series(out=str(root / "pretrain"), max_steps=steps, max_minutes=3, device="cpu", console=console)
+    run = pretrain_series(out=str(root / "pretrain"), max_steps=steps, max_minutes=2, device="cpu", console=console)
     r = run.result
     console.print(f"series model: validation loss {run.val_loss_before:.3f} -> {r.val_loss:.3f} nats/value after "
                   f"{r.tokens:,} tokens in {r.seconds:.0f}s (KernelSynth {run.data['kernel_synth']:,} series + "
@@ -343,7 +350,7 @@ def synth_tour(out: Path, summary: dict, steps: int):
     order = np.random.default_rng(0).permutation(len(df))
     cut = int(len(df) * 0.8)
     train, holdout = df.iloc[order[:cut]].reset_index(drop=True), df.iloc[order[cut:]].reset_index(drop=True)
-    run = fit_table(train, out=str(root / "fit"), max_steps=steps, max_minutes=2, console=console)
+    run = fit_table(train, out=str(root / "fit"), max_steps=steps, max_minutes=1.5, console=console)
     model = TableModel.load(run.model_dir)
     start = time.perf_counter()
     synth = model.sample(len(holdout), seed=1)
@@ -369,35 +376,132 @@ def synth_tour(out: Path, summary: dict, steps: int):
     return [root / "fit" / "loss.png", root / "report" / "shapes.png", root / "report" / "dcr.png"]
 
 
+def music_tour(out: Path, summary: dict, steps: int, minutes: float):
+    step("10 · music as ABC text: a tune model on music21's corpus, held-out bits/char, tunes music21 parses")
+    from genlab.music.codec import conditioning, music_model_spec
+    from genlab.music.generate import GenerationResult, generate_for, write_abc, write_midi
+    from genlab.music.train import train_music
+
+    root = out / "music"
+    shutil.rmtree(root, ignore_errors=True)
+    run = train_music(out=str(root), max_steps=steps, max_minutes=minutes, warmup_steps=50, eval_every=100,
+                      checkpoint_every=steps, device="cpu", console=console)
+    held, tr = run.report["heldout"], run.report["training"]
+    console.print(f"{tr['parameters'] / 1e6:.2f}M-parameter tune model, {tr['steps']} steps ({tr['tokens']:,} tokens) in "
+                  f"{tr['seconds']:.0f}s on {run.report['corpus']['train']:,} tunes; {held['tunes']} held-out tunes: "
+                  f"{held['bits_per_char']:.3f} bits/char vs {held['baseline']} {held['baseline_bits_per_char']:.3f} "
+                  f"(ratio {held['bits_per_char_vs_baseline']:.3f})")
+    model = genlab.load(run.model_dir)
+    spec = music_model_spec(model)
+    conds = [conditioning(spec, key, meter) for key, meter in (("D", "6/8"), ("G", "2/4"), ("A", "4/4"),
+                                                              ("F", "3/4"), ("Em", "6/8"))]
+    gen = generate_for(model, conds, 4, seed=0)
+    s = gen.summary()
+    console.print(f"{s['tunes']} tunes over {len(conds)} key/meter conditions in {gen.seconds:.1f}s: music21 parses "
+                  f"{s['parsed']}/{s['tunes']} ({s['parse_rate']:.0%}); failures {s['failure_reasons'] or 'none'}")
+    files = write_abc(gen, root / "tunes.abc")  # the parsed tunes; failures with their reason beside them
+    first = next((t for t in gen.tunes if t.ok), None)
+    if first:
+        files += write_abc(GenerationResult([first]), root / "tune.abc") + write_midi(GenerationResult([first]),
+                                                                                      root / "tune.mid")[0]
+        console.print(first.text, markup=False, highlight=False)
+    console.print(f"written: {', '.join(map(str, files))}")
+    summary.update(music_bits_per_char=round(held["bits_per_char"], 3),
+                   music_ngram_bits_per_char=round(held["baseline_bits_per_char"], 3),
+                   music_parse_rate=round(s["parse_rate"], 2))
+    return root / "loss.png"
+
+
+def image_tour(out: Path, summary: dict, images: int, tokenizer_steps: int, steps: int, minutes: float):
+    step("11 · images as tokens: procedural scenes, FSQ image tokenizer, text-to-image")
+    from genlab.data.scenes import make_dataset
+    from genlab.image.grid import save_grid
+    from genlab.image.model import ImageModel, fit_image_model
+    from genlab.image.train import train_image_tokenizer
+
+    root = out / "image"
+    shutil.rmtree(root, ignore_errors=True)
+    start = time.perf_counter()
+    pictures, captions, _ = make_dataset(images, "train", seed=0)
+    console.print(f"rendered {len(pictures):,} captioned 32x32 scenes ({len(set(captions)):,} distinct captions, "
+                  f"e.g. {captions[0]!r}) in {time.perf_counter() - start:.1f}s")
+    tok = train_image_tokenizer(pictures, root / "tokenizer", steps=tokenizer_steps, batch_size=32, lr=3e-3,
+                                console=console)
+    console.print(f"image tokenizer ({tok.steps} steps, {tok.seconds:.0f}s): {tok.summary()}")
+    fit = fit_image_model((pictures, captions), root / "tokenizer", root / "t2i", max_steps=steps, max_minutes=minutes,
+                          warmup_steps=30, eval_every=max(1, steps // 4), checkpoint_every=steps, samples=0,
+                          console=console)
+    console.print(f"text-to-image: validation loss {fit.val_loss_before:.3f} -> {fit.result.val_loss:.3f} nats/token "
+                  f"after {fit.result.step} steps in {fit.result.seconds:.0f}s")
+    prompts = ["a cat wearing sunglasses", "a red circle left of a blue square", "a large yellow circle",
+               "a sun above a tree"]
+    grid = save_grid(ImageModel.load(fit.model_dir).generate(prompts, n=6, seed=0), root / "grid.png", columns=6,
+                     labels=prompts)
+    console.print(f"grid: {', '.join(map(repr, prompts))} -> {grid}")
+    m = tok.metrics
+    summary.update(image_tokenizer_psnr_db=round(m["psnr"], 2), image_thumbnail_psnr_db=round(m["baseline_thumbnail_psnr"], 2),
+                   image_mean_colour_psnr_db=round(m["baseline_mean_colour_psnr"], 2),
+                   t2i_val_loss_before=round(fit.val_loss_before, 3), t2i_val_loss_after=round(fit.result.val_loss, 3))
+    return [tok.files["reconstructions_png"], root / "t2i" / "loss.png", grid]
+
+
 def main():
     transformers.utils.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--max-steps", type=int, default=300, help="pretraining steps (16 x 256 tokens each)")
+    parser.add_argument("--max-steps", type=int, default=240, help="pretraining steps (16 x 256 tokens each)")
     parser.add_argument("--adapt-steps", type=int, default=80, help="LoRA continued-pretraining steps (8 x 256 tokens)")
-    parser.add_argument("--series-steps", type=int, default=600, help="series pretraining steps (16 windows of 256 values)")
-    parser.add_argument("--series-finetune-steps", type=int, default=100, help="per-series fine-tuning steps in the backtest")
-    parser.add_argument("--synth-steps", type=int, default=300, help="table model steps (16 x 256 tokens each)")
+    parser.add_argument("--series-steps", type=int, default=250, help="series pretraining steps (16 windows of 256 values)")
+    parser.add_argument("--series-finetune-steps", type=int, default=30, help="per-series fine-tuning steps in the backtest")
+    parser.add_argument("--synth-steps", type=int, default=150, help="table model steps (16 x 256 tokens each)")
+    parser.add_argument("--music-steps", type=int, default=400, help="tune model steps (4 x 256 tokens each)")
+    parser.add_argument("--music-minutes", type=float, default=1.0, help="cap on the tune model's training time")
+    parser.add_argument("--images", type=int, default=3000, help="procedural captioned scenes rendered")
+    parser.add_argument("--image-tokenizer-steps", type=int, default=300, help="FSQ image tokenizer steps (32 images)")
+    parser.add_argument("--t2i-steps", type=int, default=250, help="text-to-image steps (32 sequences of 75 tokens)")
+    parser.add_argument("--t2i-minutes", type=float, default=1.0, help="cap on the text-to-image training time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    summary, plots = {}, []
-    start = time.perf_counter()
+    summary, plots, seconds = {}, [], {}
+    start = last = time.perf_counter()
+
+    def lap(name: str) -> None:  # seconds per step, for the closing table
+        nonlocal last
+        seconds[name], last = time.perf_counter() - last, time.perf_counter()
+
     tokenizer_tour(args.out, summary)
+    lap("1 tokenizer")
     model, hf, curve = pretrain_tour(args.out, summary, args.max_steps)
     plots.append(curve)
+    lap("2 pretraining")
     generation_tour(model, hf, summary)
+    lap("3 generation")
     plots.append(speed_tour(model, hf, args.out, summary, args.new_tokens))
+    lap("4 decode speed")
     plots.append(adaptation_tour(args.out, args.out / "pretrain" / "model", summary, args.adapt_steps))
+    lap("5 adaptation")
     rag_tour(args.out, args.out / "pretrain" / "model", summary)
+    lap("6 retrieval")
     serve_tour(args.out, args.out / "pretrain" / "model", summary)
+    lap("7 serving")
     plots += series_tour(args.out, summary, args.series_steps, args.series_finetune_steps)
+    lap("8 time series")
     plots += synth_tour(args.out, summary, args.synth_steps)
+    lap("9 synthetic tables")
+    plots.append(music_tour(args.out, summary, args.music_steps, args.music_minutes))
+    lap("10 music")
+    plots += image_tour(args.out, summary, args.images, args.image_tokenizer_steps, args.t2i_steps, args.t2i_minutes)
+    lap("11 images")
     step("summary")
     table = Table("measured", "value")
     for key, value in summary.items():
         table.add_row(key, f"{value:.2e}" if isinstance(value, float) and value < 1e-3 else str(value))
     console.print(table)
+    times = Table("step", "seconds")
+    for name, s in seconds.items():
+        times.add_row(name, f"{s:.0f}")
+    console.print(times)
     console.print(f"plots: {', '.join(map(str, plots))}")
     console.print(f"tour finished in {time.perf_counter() - start:.0f}s; outputs in {args.out}/")
 
