@@ -96,9 +96,9 @@ def main() -> None:
     ap.add_argument("--per-caption", type=int, default=200, help="evaluation images per caption and setting")
     ap.add_argument("--heldout-fraction", type=float, default=0.4,
                     help="share of the feedback captions (by a stable hash) the gate judges on and training never sees")
-    ap.add_argument("--epochs", type=float, default=4.0)
+    ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--beta", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
