@@ -61,14 +61,15 @@ class Registry(SqliteFile):
     def _migrate(self) -> None:
         with self._tx() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if (tables and not TABLES <= tables) or (not version and tables - TABLES):
+                # e.g. the feedback database given as --registry (whatever its schema version):
+                # refuse rather than add tables to it
+                raise DataError(f"{self.path}: an SQLite database but not a genlab version registry "
+                                f"(tables: {', '.join(sorted(tables))})")
             if version > SCHEMA_VERSION:
                 raise DataError(f"{self.path}: version registry schema {version} is newer than this genlab "
                                 f"supports ({SCHEMA_VERSION}); upgrade genlab")
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if (version and not TABLES <= tables) or (not version and tables - TABLES):
-                # e.g. the feedback database given as --registry: refuse rather than add tables to it
-                raise DataError(f"{self.path}: an SQLite database but not a genlab version registry "
-                                f"(tables: {', '.join(sorted(tables)) or 'none'})")
             if version < SCHEMA_VERSION:
                 for stmt in SCHEMA:
                     conn.execute(stmt)
