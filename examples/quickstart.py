@@ -304,7 +304,7 @@ def series_tour(out: Path, summary: dict, steps: int, finetune_steps: int):
 
     root = out / "series"
     shutil.rmtree(root, ignore_errors=True)
-    run = pretrain_series(out=str(root / "pretrain"), max_steps=steps, max_minutes=2, device="cpu", console=console)
+    run = pretrain_series(out=str(root / "pretrain"), max_steps=steps, max_minutes=3, device="cpu", console=console)
     r = run.result
     console.print(f"series model: validation loss {run.val_loss_before:.3f} -> {r.val_loss:.3f} nats/value after "
                   f"{r.tokens:,} tokens in {r.seconds:.0f}s (KernelSynth {run.data['kernel_synth']:,} series + "
@@ -452,7 +452,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=240, help="pretraining steps (16 x 256 tokens each)")
     parser.add_argument("--adapt-steps", type=int, default=80, help="LoRA continued-pretraining steps (8 x 256 tokens)")
-    parser.add_argument("--series-steps", type=int, default=250, help="series pretraining steps (16 windows of 256 values)")
+    parser.add_argument("--series-steps", type=int, default=600, help="series pretraining steps (16 windows of 256 values)")
     parser.add_argument("--series-finetune-steps", type=int, default=30, help="per-series fine-tuning steps in the backtest")
     parser.add_argument("--synth-steps", type=int, default=150, help="table model steps (16 x 256 tokens each)")
     parser.add_argument("--music-steps", type=int, default=400, help="tune model steps (4 x 256 tokens each)")
