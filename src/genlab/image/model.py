@@ -182,10 +182,7 @@ def fit_image_model(data, tokenizer_dir, out: str | Path | None = None, config: 
                    "global_batch": cfg.batch_size * cfg.grad_accum * d.world}
     cfg.seq_len = seq_len
     trainer = Trainer(cfg, module, train, val, out, d, fingerprint, console)
-    start = trainer.resume_step() if resume else 0
-    if d.is_main:
-        cfg.save(out / "config.yaml")
-    before = trainer.evaluate() if not resume else float("nan")
+    start, before = trainer.begin(resume)
     result = trainer.run(start, initial_val_loss=None if resume else before)
     model_dir = out / "model"
     info = {"images": len(images), "train_images": len(train_idx), "val_images": n_val, "source": source,

@@ -263,10 +263,7 @@ def pretrain_series(config: SeriesTrainConfig | None = None, config_file: str | 
     fingerprint = {"model": model_cfg.to_dict(), "seq_len": cfg.seq_len, "data": info["key"], "seed": cfg.seed,
                    "global_batch": cfg.batch_size * cfg.grad_accum * d.world}
     trainer = Trainer(cfg, module, train, val, out, d, fingerprint, console)
-    start = trainer.resume_step() if resume else 0
-    if d.is_main:
-        cfg.save(out / "config.yaml")
-    before = trainer.evaluate() if not resume else float("nan")
+    start, before = trainer.begin(resume)
     result = trainer.run(start, initial_val_loss=None if resume else before)
     model_dir = out / "model"
     if d.is_main:

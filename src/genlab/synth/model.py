@@ -121,10 +121,7 @@ def fit_table(data: pd.DataFrame | str | Path, config: SynthConfig | None = None
     if cfg.dp_epsilon is not None and (d.world > 1 or resume):
         raise InvalidParameterError("differentially private fitting (--dp-epsilon) runs in one process and cannot resume")
     trainer = Trainer(cfg, module, train, val, out, d, fingerprint, console)
-    start = trainer.resume_step() if resume else 0
-    if d.is_main:
-        cfg.save(out / "config.yaml")
-    before = trainer.evaluate() if not resume else float("nan")
+    start, before = trainer.begin(resume)
     privacy = None
     if cfg.dp_epsilon is None:
         result = trainer.run(start, initial_val_loss=None if resume else before)

@@ -106,6 +106,14 @@ class Trainer:
         # LoRA: checkpoints hold the trainable parameters only (the frozen base is the model folder).
         self.saved = None if keep_frozen else {n for n, p in self.raw.named_parameters() if p.requires_grad}
 
+    def begin(self, resume: bool) -> tuple[int, float]:
+        """(first step, validation loss before training — NaN when resuming); restores the newest
+        checkpoint when resuming and writes the run's config.yaml (main process)."""
+        start = self.resume_step() if resume else 0
+        if self.d.is_main:
+            self.cfg.save(self.out / "config.yaml")
+        return start, (self.evaluate() if not resume else float("nan"))
+
     # --- resume --------------------------------------------------------------------------
     def resume_step(self) -> int:
         """Restore the newest checkpoint; its step (0 when starting fresh). A checkpoint of
