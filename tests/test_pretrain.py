@@ -139,6 +139,16 @@ def test_learning_rate_schedule():
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(60, cfg) == pytest.approx(0.55e-3) and lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(60, cfg, time_done=1.0) == pytest.approx(0.55e-3)  # the clock counts only with time_schedule
+
+
+def test_time_schedule_decays_by_the_clock_when_it_runs_ahead_of_the_steps():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, max_minutes=5, time_schedule=True)
+    assert lr_at(5, cfg, time_done=0.9) == pytest.approx(0.6e-3)  # warm-up goes by steps
+    assert lr_at(20, cfg, time_done=0.5) == pytest.approx(0.55e-3)  # half the time used: half-way down
+    assert lr_at(20, cfg, time_done=1.0) == pytest.approx(1e-4) and lr_at(110, cfg, 0.1) == pytest.approx(1e-4)
+    with pytest.raises(InvalidParameterError, match="time_schedule needs max_minutes"):
+        TrainConfig(time_schedule=True)
 
 
 def test_too_little_data_is_a_clear_error(corpus, tmp_path):
@@ -178,3 +188,6 @@ def test_time_budget_stops_cleanly_with_a_checkpoint_and_a_model(corpus, tmp_pat
     assert r.result.step == 5  # the budget is checked at the first log step
     assert [p.name for p in (tmp_path / "t" / "checkpoints").iterdir()] == ["step-000005"]
     assert (tmp_path / "t" / "model" / "model.safetensors").exists() and r.result.val_loss == r.result.val_loss
+    r = pretrain(**small(corpus, tmp_path / "u", max_minutes=1e-6, max_steps=60, time_schedule=True, warmup_steps=2))
+    last = [x for x in (json.loads(line) for line in open(tmp_path / "u" / "metrics.jsonl")) if "lr" in x][-1]
+    assert r.result.step == 5 and last["lr"] == pytest.approx(3e-3 * 0.1)  # ended at the floor of the schedule

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from genlab.cli_options import (
-    Preset, Adapter, BatchSize, CkptEvery, Compile, Config, Device, Dtype, EvalEvery, Fsdp, GradAccum, Lr, MaxMinutes, MaxNew,
+    Preset, Adapter, BatchSize, CkptEvery, Compile, Config, Device, Dtype, EvalEvery, Fsdp, GradAccum, Lr, MaxMinutes, TimeSchedule, MaxNew,
     MaxSteps, MinP, Out, RepPenalty, Resume, Seed, SeqLen, Stop, Temperature, TopK, TopP, TrainDevice, TrainSeed, Warmup,
     err, out,
 )
@@ -245,6 +245,7 @@ def pretrain(
     grad_accum: GradAccum = None,
     max_steps: MaxSteps = None,
     max_minutes: MaxMinutes = None,
+    time_schedule: TimeSchedule = None,
     lr: Lr = None,
     warmup_steps: Warmup = None,
     eval_every: EvalEvery = None,
@@ -267,8 +268,8 @@ def pretrain(
     overrides = dict(out=str(out) if out else None, data=[str(p) for p in data] if data else None, preset=preset,
                      tokenizer=str(tokenizer) if tokenizer else None, vocab_size=vocab_size, seq_len=seq_len,
                      batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, max_minutes=max_minutes, lr=lr,
-                     warmup_steps=warmup_steps, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                     near_dedup=near_dedup, seed=seed, device=device, compile=compile, fsdp=fsdp)
+                     time_schedule=time_schedule, warmup_steps=warmup_steps, eval_every=eval_every,
+                     checkpoint_every=checkpoint_every, near_dedup=near_dedup, seed=seed, device=device, compile=compile, fsdp=fsdp)
     result = run_pretrain(config_file=config, resume=resume, console=err, **overrides)
     if int(os.environ.get("RANK", "0")) == 0:
         model = genlab.load(result.model_dir)

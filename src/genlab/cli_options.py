@@ -32,6 +32,9 @@ BatchSize = Annotated[Optional[int], typer.Option(help="Sequences per micro-batc
 GradAccum = Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")]
 MaxSteps = Annotated[Optional[int], typer.Option(help="Optimizer steps.")]
 MaxMinutes = Annotated[Optional[float], typer.Option(help="Stop cleanly after this many minutes.")]
+TimeSchedule = Annotated[Optional[bool], typer.Option(
+    "--time-schedule/--step-schedule",
+    help="With --max-minutes: decay the learning rate by the clock as well, so the schedule ends when the time does.")]
 Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.")]
 Warmup = Annotated[Optional[int], typer.Option(help="Linear warm-up steps.")]
 EvalEvery = Annotated[Optional[int], typer.Option(help="Validate every N steps.")]

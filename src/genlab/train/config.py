@@ -33,6 +33,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000
     max_minutes: float | None = None  # stop early (cleanly, with a checkpoint) after this long
+    time_schedule: bool = False  # with max_minutes: the cosine decay ends when the time does (see train/loop.lr_at)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -63,6 +64,8 @@ class TrainConfig:
             (0 < self.val_fraction < 0.5, "val_fraction must be in (0, 0.5)"),
             (self.warmup_steps >= 0 and self.eval_every >= 1 and self.log_every >= 1, "step intervals must be >= 1"),
             (self.checkpoint_every >= 1 and self.keep_checkpoints >= 1, "checkpoint_every and keep_checkpoints must be >= 1"),
+            (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
+            (not self.time_schedule or self.max_minutes, "time_schedule needs max_minutes"),
         ]
         for ok, message in checks:
             if not ok:

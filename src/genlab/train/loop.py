@@ -55,10 +55,16 @@ class Sampler:
         return np.array([self._order(i // self.n)[i % self.n] for i in idx])
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, time_done: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr. The decay's progress is the share of
+    max_steps done after warm-up, or, with cfg.time_schedule, the larger of that and `time_done`
+    (the share of max_minutes used), so a time-budgeted run ends at the bottom of the schedule
+    whatever the machine's speed."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.time_schedule:
+        progress = max(progress, time_done)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -100,6 +106,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, d.device)
         self.train_set, self.val_set = train, val
         self.sampler = Sampler(len(train), cfg.batch_size, cfg.grad_accum, d, cfg.seed)
+        self.time_done = 0.0  # share of max_minutes used so far (updated at each log step)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and cfg.bf16
                          else nullcontext())
         self.ckpt_dir = self.out / "checkpoints"
@@ -134,7 +141,7 @@ class Trainer:
     def _train_step(self, step: int) -> tuple[float, float]:
         cfg = self.cfg
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg, self.time_done)
         total = torch.zeros((), device=self.d.device)
         for micro in range(cfg.grad_accum):
             batch = self.train_set.get(self.sampler.windows(step, micro))
@@ -217,14 +224,16 @@ class Trainer:
                     now = time.perf_counter()
                     rate = (tokens - last_tokens) / max(now - last_t, 1e-9)
                     (train_loss,) = d.all_mean([train_loss])
-                    record = {"step": step, "tokens": tokens, "loss": round(train_loss, 5), "lr": lr_at(step - 1, cfg),
+                    if cfg.max_minutes:  # the same clock on every process
+                        (self.time_done,) = d.all_mean([(now - t0) / (60 * cfg.max_minutes)])
+                        last = last or self.time_done > 1  # out of time: finish like a completed run
+                    record = {"step": step, "tokens": tokens, "loss": round(train_loss, 5),
+                              "lr": lr_at(step - 1, cfg, self.time_done),
                               "grad_norm": round(grad_norm, 4), "tokens_per_s": round(rate, 1), "elapsed_s": round(now - t0, 2)}
                     if log:
                         log.write(record)
                     last_t, last_tokens = now, tokens
                     progress.update(task, loss=train_loss, rate=rate)
-                    if cfg.max_minutes and d.all_mean([float(now - t0 > 60 * cfg.max_minutes)])[0] > 0:
-                        last = True  # out of time: finish like a completed run
                 if step % cfg.eval_every == 0 or last:
                     val_loss = self.evaluate()
                     if log:
