@@ -2,6 +2,8 @@
 
     python bench/image_feedback.py --model runs/bench-image/t2i/model --checker runs/bench-image/checker
     python bench/image_feedback.py            # trains a tokenizer, a checker and a base model first (~20 min)
+    python bench/image_feedback.py --model M --checker C --feedback-db OLD/feedback.db --method kto
+                                              # the same user's recorded feedback (a copy), trained with KTO
 
 1. the base text-to-image model is served (`create_app(None, ServeConfig(image_model=...))`,
    uvicorn in a thread) with a feedback database and an image registry;
@@ -11,7 +13,7 @@
    evidence, which of the 4 is best: an A/B choice of the best over the worst when their scores
    differ by at least --margin (most requests show no sunglasses at all: at 0.05, 300 requests
    gave 17 pairs, too few for the gate; 800 requests at 0.01 give ~60);
-3. `improve_images`: DPO on those pairs (LoRA), gated on held-out feedback captions (a stable hash
+3. `improve_images`: DPO on those pairs (LoRA) — or, with --method kto, KTO on the thumbs alone — gated on held-out feedback captions (a stable hash
    of the caption: --heldout-fraction 0.4, as the 153 distinct captions of 800 requests repeat
    and 0.25 held out only 5 of 61 pairs; the gate needs 4, the bench wants >= 10) by preference
    accuracy, the user's own criterion (win rate on fresh images) and the drift bar, promoted in
@@ -24,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -55,6 +58,19 @@ def feedback_captions(n: int, seed: int) -> list[str]:
 def sunglasses_rate(model, judge, guidance: float, per_caption: int, seed: int) -> tuple[int, int]:
     images = model.generate(EVAL_CAPTIONS, n=per_caption, guidance=guidance, temperature=1.0, seed=seed)
     return int(sum(s >= 1 for s in judge([], images))), len(images)
+
+
+def recorded(db):
+    """What a recorded feedback database holds, counted like a user session's report."""
+    from types import SimpleNamespace
+
+    from genlab.feedback.store import FeedbackStore
+
+    with FeedbackStore(db) as store:
+        pairs, rated = store.image_dataset("dpo"), store.image_dataset("kto")
+        images = store.count_completions()
+    return SimpleNamespace(exchanges=images, ratings=len(rated), ab_choices=len(pairs), corrections=0,
+                           ties=None, completion_ids=[])
 
 
 def build_base(out: Path, args, console):
@@ -96,6 +112,10 @@ def main() -> None:
     ap.add_argument("--per-caption", type=int, default=200, help="evaluation images per caption and setting")
     ap.add_argument("--heldout-fraction", type=float, default=0.4,
                     help="share of the feedback captions (by a stable hash) the gate judges on and training never sees")
+    ap.add_argument("--method", choices=["dpo", "kto"], default="dpo",
+                    help="dpo: the A/B choices; kto: the thumbs on single images (no pairs used)")
+    ap.add_argument("--feedback-db", help="reuse this feedback database (copied; its model must be --model) "
+                                          "instead of running the user again")
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--beta", type=float, default=0.3)
@@ -120,21 +140,27 @@ def main() -> None:
     db, registry = out / "feedback.db", out / "image-registry.db"
     seconds = {}
 
+    if args.feedback_db:
+        shutil.copyfile(args.feedback_db, db)
     app = create_app(None, ServeConfig(image_model=model_dir, image_registry=registry, db=db, poll_seconds=0.5))
     with background(app) as url:
         t = time.perf_counter()
-        user = SimulatedImageUser(url, judge, seed=args.seed, n=4, guidance=args.user_guidance, temperature=1.0,
-                                  margin=args.margin)
-        report = user.session(feedback_captions(args.requests, args.seed + 5))
+        if args.feedback_db:
+            report = recorded(db)
+        else:
+            user = SimulatedImageUser(url, judge, seed=args.seed, n=4, guidance=args.user_guidance, temperature=1.0,
+                                      margin=args.margin)
+            report = user.session(feedback_captions(args.requests, args.seed + 5))
         seconds["feedback"] = time.perf_counter() - t
-        console.print(f"user: {report.exchanges} images, {report.ratings} thumbs, {report.ab_choices} A/B choices "
-                      f"({report.ties} requests with nothing to choose between) in {seconds['feedback']:.0f} s")
+        ties = "" if report.ties is None else f" ({report.ties} requests with nothing to choose between)"
+        console.print(f"user{' (recorded)' if args.feedback_db else ''}: {report.exchanges} images, {report.ratings} "
+                      f"thumbs, {report.ab_choices} A/B choices{ties} in {seconds['feedback']:.0f} s")
         t = time.perf_counter()
         result = improve_images(model_dir, db, registry, out / "improve", judge=judge,
                                 heldout_fraction=args.heldout_fraction,
                                 judge_sampling={"guidance": args.user_guidance, "temperature": 1.0},
                                 prefer=ImagePreferConfig(epochs=args.epochs, lr=args.lr, beta=args.beta, seed=args.seed),
-                                console=console)
+                                method=args.method, console=console)
         seconds["improve"] = time.perf_counter() - t
         deadline = time.time() + 30
         while result.promoted and app.state.server.images.version != result.version["name"] and time.time() < deadline:
@@ -151,13 +177,15 @@ def main() -> None:
         rows.append({"guidance": g, "images": n, "before": kb, "after": ka,
                      "before_ci": wilson(kb, n), "after_ci": wilson(ka, n)})
     seconds["evaluate"] = time.perf_counter() - t
-    held = result.metrics["heldout_pairs"]
-    print(f"\nimage feedback: {report.ab_choices} A/B pairs (margin {args.margin:g}; {report.ab_choices - held} "
-          f"trained on, {held} held out) and {report.ratings} thumbs from a user who wants sunglasses; "
+    held = result.metrics["heldout_pairs"] or result.metrics["heldout_rated"]
+    used = (f"{report.ab_choices} A/B pairs (margin {args.margin:g}; {report.ab_choices - held} trained on, {held} held "
+            f"out), {report.ratings} thumbs unused" if result.method == "dpo" else
+            f"{report.ratings} thumbs ({result.metrics['heldout_rated']} held out; {report.ab_choices} A/B pairs unused)")
+    print(f"\nimage feedback, {result.method}: {used}, from a user who wants sunglasses; "
           f"{result.version['name']} {'PROMOTED' if result.promoted else 'NOT promoted'} "
           f"(served after the swap: {served}) — {'; '.join(result.reasons)}")
     if held < 10:
-        print(f"warning: only {held} held-out pairs; raise --requests or --heldout-fraction for a firmer gate")
+        print(f"warning: only {held} held-out items; raise --requests or --heldout-fraction for a firmer gate")
     print("gate metrics: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in result.metrics.items()))
     print(f"sunglasses rate on {len(EVAL_CAPTIONS)} captions no feedback used ({', '.join(EVAL_CAPTIONS)}), "

@@ -20,7 +20,7 @@ from genlab.errors import InvalidParameterError
 from genlab.feedback.store import FeedbackStore
 from genlab.image.codec import EOS, CaptionVocab, TextImageCodec
 from genlab.image.feedback import (
-    ImagePreferConfig, improve_images, load_version, sequence_logprobs, tokens_of, train_image_dpo,
+    ImagePreferConfig, improve_images, load_version, sequence_logprobs, tokens_of, train_image_preferences,
 )
 from genlab.model import io as model_io
 from genlab.model.transformer import ModelConfig, Transformer
@@ -133,7 +133,8 @@ def margins(model, rows) -> np.ndarray:
 def test_dpo_on_image_sequences_raises_the_preferred_margin(model_dir, tmp_path, one_torch_thread):
     rows = toy_pairs(model_dir)
     train, held = rows[:16], rows[16:]
-    out = train_image_dpo(model_dir, train, tmp_path / "cand", ImagePreferConfig(epochs=6, batch_size=8, lr=5e-3))
+    out = train_image_preferences(model_dir, train, tmp_path / "cand", "dpo",
+                                  ImagePreferConfig(epochs=6, batch_size=8, lr=5e-3))
     assert out["losses"][-1] < out["losses"][0] < 0.7  # starts at log 2 (policy = reference)
     before, after = margins(load_version(model_dir), held), margins(load_version(model_dir, out["adapter"]), held)
     assert (after > before + 1.0).all(), (before, after)  # unseen pairs of the same kind: the preference generalises
@@ -143,7 +144,59 @@ def test_dpo_refuses_sequences_that_are_not_this_models_images(model_dir, tmp_pa
     rows = toy_pairs(model_dir, 2)
     rows[1]["rejected"] = rows[1]["rejected"][:-1]
     with pytest.raises(InvalidParameterError, match="pair 1: rejected"):
-        train_image_dpo(model_dir, rows, tmp_path / "c")
+        train_image_preferences(model_dir, rows, tmp_path / "c")
+
+
+def toy_ratings(model_dir, n=24):
+    """Each toy pair as two rated images: the chosen one good, the rejected one bad."""
+    return [{"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}
+            for r in toy_pairs(model_dir, n) for key in ("chosen", "rejected")]
+
+
+def test_kto_on_rated_images_learns_the_preference_from_thumbs_alone(model_dir, tmp_path, one_torch_thread):
+    rows = toy_ratings(model_dir)
+    out = train_image_preferences(model_dir, rows[:32], tmp_path / "cand", "kto",
+                                  ImagePreferConfig(epochs=6, batch_size=8, lr=5e-3))
+    assert out["losses"][-1] < out["losses"][0]
+    held = toy_pairs(model_dir)[16:]  # the same 8 pairs as rows[32:], as pairs
+    base, tuned = load_version(model_dir), load_version(model_dir, out["adapter"])
+    before, after = margins(base, held), margins(tuned, held)
+    assert (after > before + 1.0).all(), (before, after)
+    caps = [r["prompt"] for r in held]
+    with torch.no_grad():  # on average good images became likelier, bad ones less likely than under the reference
+        good = [sequence_logprobs(m.module, m.codec, caps, [r["chosen"] for r in held]) for m in (base, tuned)]
+        bad = [sequence_logprobs(m.module, m.codec, caps, [r["rejected"] for r in held]) for m in (base, tuned)]
+    assert (good[1] - good[0]).mean() > 0 > (bad[1] - bad[0]).mean()
+
+
+def test_kto_refuses_ratings_that_are_all_good_and_tiny_batches(model_dir, tmp_path):
+    rows = [r for r in toy_ratings(model_dir, 4) if r["label"]]
+    with pytest.raises(InvalidParameterError, match="both good and bad"):
+        train_image_preferences(model_dir, rows, tmp_path / "c", "kto")
+    with pytest.raises(InvalidParameterError, match="batch_size >= 2"):
+        train_image_preferences(model_dir, toy_ratings(model_dir, 4), tmp_path / "c", "kto", ImagePreferConfig(batch_size=1))
+    with pytest.raises(InvalidParameterError, match="dpo, kto"):
+        train_image_preferences(model_dir, rows, tmp_path / "c", "orpo")
+
+
+def test_improve_images_with_thumbs_only_runs_kto_and_promotes(model_dir, tmp_path, one_torch_thread):
+    from genlab.feedback.store import ChoiceRecord, CompletionRecord, new_completion_id
+
+    db = tmp_path / "fb.db"
+    with FeedbackStore(db) as store:
+        for i, row in enumerate(toy_ratings(model_dir, 40)):
+            cid = new_completion_id("img")
+            prompt = f"{row['prompt']} {i // 2}"  # 40 prompts, each with a good and a bad image
+            store.record_all([CompletionRecord(cid, "images", "t2i", prompt,
+                                               [ChoiceRecord(0, "", "stop", 65, token_ids=row["completion"])])])
+            store.add_feedback(cid, rating=1 if row["label"] else -1, rating_scale="thumbs")
+    report = improve_images(model_dir, db, out_dir=tmp_path / "runs",
+                            prefer=ImagePreferConfig(epochs=4, batch_size=8, lr=5e-3))
+    assert report.method == "kto" and report.metrics["heldout_pairs"] == 0
+    assert report.metrics["heldout_rated"] >= 8 and report.metrics["pref_accuracy"] >= 0.9, report.metrics
+    assert report.promoted, report.reasons
+    written = json.loads((report.out_dir / "report.json").read_text())
+    assert written["method"] == "kto" and written["version"]["name"] == "v2"
 
 
 def test_improve_images_promotes_a_winner_and_serves_it(model_dir, tmp_path, one_torch_thread):

@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from genlab.errors import InvalidParameterError
 from genlab.fsutil import save_figure, write_json
@@ -71,6 +73,24 @@ def split_heldout(rows: list[dict], fraction: float) -> tuple[list[dict], list[d
     return [r for r in rows if not in_heldout_split(prompt_key(r), fraction)], held
 
 
+def preference_metrics(rewards: Callable, heldout_pairs: list[dict], heldout_kto: list[dict]) -> dict:
+    """Held-out preference accuracy and reward margin; rewards(rows) -> [(chosen, rejected)] implicit
+    rewards of the candidate over the serving version. Pairs: the chosen answer should get the
+    higher reward; rated answers only: the reward should be positive for good ones, negative for bad."""
+    metrics: dict = {"heldout_pairs": len(heldout_pairs), "heldout_rated": len(heldout_kto)}
+    if heldout_pairs:
+        got = rewards(heldout_pairs)
+        metrics["pref_accuracy"] = sum(c > r for c, r in got) / len(got)
+        metrics["reward_margin"] = sum(c - r for c, r in got) / len(got)
+    elif heldout_kto:
+        pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]} for r in heldout_kto]
+        got = rewards(pairs)
+        signed = [(c > 0) == bool(r["label"]) for (c, _), r in zip(got, heldout_kto)]
+        metrics["pref_accuracy"] = sum(signed) / len(signed)
+        metrics["reward_margin"] = sum(c if r["label"] else -c for (c, _), r in zip(got, heldout_kto)) / len(signed)
+    return metrics
+
+
 def gate_metrics(model_dir, candidate: Path, current: Path | None, heldout_pairs: list[dict], heldout_kto: list[dict],
                  reward_model: Path | None, gate: GateConfig, beta: float) -> dict:
     """Candidate vs serving version on what training never saw."""
@@ -79,17 +99,8 @@ def gate_metrics(model_dir, candidate: Path, current: Path | None, heldout_pairs
     from genlab.train.finetune import general_eval_set, trainable
     from genlab.train.prefer import RewardModel, implicit_rewards
 
-    metrics: dict = {"heldout_pairs": len(heldout_pairs), "heldout_rated": len(heldout_kto)}
-    if heldout_pairs:
-        rewards = implicit_rewards(model_dir, candidate, current, heldout_pairs, beta)
-        metrics["pref_accuracy"] = sum(c > r for c, r in rewards) / len(rewards)
-        metrics["reward_margin"] = sum(c - r for c, r in rewards) / len(rewards)
-    elif heldout_kto:  # rated answers only: the implicit reward should be positive for good ones, negative for bad
-        pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"]} for r in heldout_kto]
-        rewards = implicit_rewards(model_dir, candidate, current, pairs, beta)
-        signed = [(c > 0) == bool(r["label"]) for (c, _), r in zip(rewards, heldout_kto)]
-        metrics["pref_accuracy"] = sum(signed) / len(signed)
-        metrics["reward_margin"] = sum(c if r["label"] else -c for (c, _), r in zip(rewards, heldout_kto)) / len(signed)
+    rewards = partial(implicit_rewards, model_dir, candidate, current, beta=beta)
+    metrics = preference_metrics(rewards, heldout_pairs, heldout_kto)
     model = genlab.load(model_dir, adapters={"candidate": candidate, **({"current": current} if current else {})})
     general = general_eval_set(model.tokenizer, min(256, model.max_seq_len))
     ppl = {}
