@@ -72,7 +72,9 @@ def test_diverse_training_scenes_add_variety_but_no_heldout_combination():
     diverse = [S.sample_scene(rng, "train", diverse=True) for _ in range(4000)]
     assert all(not S.heldout_parts(s) for s in diverse)
     objects = [o for s in diverse for o in s.objects]
-    assert {o.colour for o in objects} >= set(S.EXTRA_PALETTE) and {o.kind for o in objects} >= set(S.EXTRA_SHAPES)
+    assert {o.colour for o in objects} >= set(S.EXTRA_PALETTE)
+    assert {o.kind for o in objects} >= set(S.EXTRA_SHAPES) | set(S.EXTRA_THINGS)
+    assert all(o.colour is None for o in objects if o.kind in S.EXTRA_THINGS)  # things keep their own colours
     assert not {(o.colour, o.kind) for o in objects} & S.HELDOUT_COLOUR_SHAPES
     assert not any(o.sunglasses and o.hat for o in objects)
     # two accessories together, just never the held-out pair
@@ -80,11 +82,13 @@ def test_diverse_training_scenes_add_variety_but_no_heldout_combination():
     assert "a cat wearing sunglasses and a bow tie" in {s.caption for s in diverse}
     # the core data is unchanged by the option's existence, and only training data may be diverse
     images, captions, _ = S.make_dataset(20, "train", seed=3)
-    assert not any(w in c for c in captions for w in (*S.EXTRA_PALETTE, *S.EXTRA_SHAPES, "bow tie"))
+    words = {w for c in captions for w in c.split()}
+    assert not words & {*S.EXTRA_PALETTE, *S.EXTRA_SHAPES, *S.EXTRA_THINGS, "bow", "crown", "patch"}
     with pytest.raises(InvalidParameterError, match="train split"):
         S.make_dataset(2, "heldout", seed=3, diverse=True)
-    picture = S.render(next(s for s in diverse if s.objects[0].kind == "star"))
-    assert picture.shape == (32, 32, 3) and (picture < 200).any()  # drawn, not blank
+    for kind in (*S.EXTRA_SHAPES, *S.EXTRA_THINGS):
+        picture = S.render(S.Scene((S.Obj(kind, "navy" if kind in S.EXTRA_SHAPES else None),)))
+        assert picture.shape == (32, 32, 3) and (np.abs(picture.astype(int) - S.BACKGROUND).sum(-1) > 60).mean() > 0.05, kind
 
 
 def _mask(image: np.ndarray, rgb) -> np.ndarray:

@@ -41,20 +41,22 @@ PALETTE = {
     "orange": (250, 135, 20),
 }
 COLOURS = tuple(PALETTE)
-# Training-only variety (`diverse=True`, train split): shapes in twelve more colours, three more
-# shapes, and three more things a cat may wear: a crown (on the head, like the hat), an eye patch
-# (over the eyes, like the sunglasses) and a bow tie, worn in any combination but the held-out
-# one (sunglasses with a hat). None of it ever forms a held-out combination; what it teaches is
-# that a colour word, a kind and an accessory combine freely, so a model is not left to learn
-# "squares are never red" from six colours and three shapes, or "a head item means bare eyes"
-# (measured at the same CPU budget: held-out colour-shape accuracy 0.09 -> 0.65). The checker
-# and every evaluation use the core vocabulary above only.
+# Training-only variety (`diverse=True`, train split): shapes in twelve more colours, six more
+# shapes, four more things (in fixed colours) to stand in relations, and three more things a cat
+# may wear: a crown (on the head, like the hat), an eye patch (over the eyes, like the
+# sunglasses) and a bow tie, worn in any combination but the held-out one (sunglasses with a
+# hat). None of it ever forms a held-out combination; what it teaches is that a colour word, a
+# kind, a relation and an accessory combine freely, so a model is not left to learn "squares are
+# never red" from six colours and three shapes, "a triangle is always right of a circle" from
+# six kinds, or "a head item means bare eyes" (`bench/image.py` measures each step; README). The
+# checker and every evaluation use the core vocabulary above only.
 EXTRA_PALETTE = {
     "pink": (250, 130, 190), "cyan": (40, 200, 215), "brown": (125, 75, 35), "grey": (125, 125, 125),
     "lime": (165, 225, 40), "navy": (20, 30, 110), "teal": (15, 120, 120), "magenta": (225, 40, 200),
     "maroon": (120, 20, 45), "olive": (110, 120, 20), "sky": (120, 185, 250), "black": (25, 25, 25),
 }
-EXTRA_SHAPES = ("diamond", "star", "cross")
+EXTRA_SHAPES = ("diamond", "star", "cross", "hexagon", "heart", "ring")
+EXTRA_THINGS = ("moon", "house", "flower", "fish")  # fixed colours, like cat / sun / tree
 ALL_PALETTE = {**PALETTE, **EXTRA_PALETTE}
 SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below", "next to")
@@ -208,7 +210,8 @@ def condition_vector(scene: Scene) -> np.ndarray:
 
 def _random_entity(rng: np.random.Generator, kinds=KINDS, diverse: bool = False) -> Obj:
     if diverse:
-        kinds = tuple(kinds) + tuple(k for k in EXTRA_SHAPES if set(kinds) & set(SHAPES))
+        kinds = (tuple(kinds) + (EXTRA_SHAPES if set(kinds) & set(SHAPES) else ())
+                 + (EXTRA_THINGS if set(kinds) & set(THINGS) else ()))
     kind = str(rng.choice(kinds))
     colours = COLOURS + tuple(EXTRA_PALETTE) if diverse else COLOURS
     return Obj(kind, str(rng.choice(colours)) if kind in SHAPES + EXTRA_SHAPES else None)
@@ -243,7 +246,7 @@ def _place_pair(rng, a: Obj, b: Obj, relation: str) -> tuple[Obj, Obj]:
 
 def _draw_candidate(rng: np.random.Generator, focus: str | None = None, diverse: bool = False) -> Scene:
     """A scene from the templates; `focus` steers it towards one held-out kind of combination;
-    `diverse` adds the training-only colours, shapes and accessories."""
+    `diverse` adds the training-only colours, shapes, things and accessories."""
     template = focus or str(rng.choice(["shape", "thing", "cat", "pair"], p=[0.3, 0.05, 0.2, 0.45]))
     heldout_pair = sorted(HELDOUT_COLOUR_SHAPES)[rng.integers(len(HELDOUT_COLOUR_SHAPES))]
     if template == "colour-shape":  # a held-out pair, alone (40%) or inside a relation scene
@@ -254,7 +257,7 @@ def _draw_candidate(rng: np.random.Generator, focus: str | None = None, diverse:
     if template == "shape":
         return Scene((_place_single(rng, obj, str(rng.choice(SIZES))),), None, bool(rng.random() < 0.5))
     if template == "thing":
-        obj = Obj(str(rng.choice(["sun", "tree"])))
+        obj = Obj(str(rng.choice(["sun", "tree", *(EXTRA_THINGS if diverse else ())])))
         return Scene((_place_single(rng, obj, str(rng.choice(SIZES))),), None, bool(rng.random() < 0.5))
     if template in ("cat", "accessories"):
         glasses, hat = (True, True) if template == "accessories" else (bool(rng.random() < 0.5), bool(rng.random() < 0.5))
@@ -349,6 +352,32 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: Obj, big: int, palette: dict) -> 
     elif o.kind == "cross":
         draw.rectangle(box(-0.14, -0.45, 0.14, 0.45), fill=palette[o.colour])
         draw.rectangle(box(-0.45, -0.14, 0.45, 0.14), fill=palette[o.colour])
+    elif o.kind == "hexagon":
+        angles = np.pi * np.arange(6) / 3
+        draw.polygon(pts(*zip(0.5 * np.cos(angles), 0.5 * np.sin(angles))), fill=palette[o.colour])
+    elif o.kind == "heart":
+        draw.ellipse(box(-0.5, -0.42, 0.02, 0.1), fill=palette[o.colour])
+        draw.ellipse(box(-0.02, -0.42, 0.5, 0.1), fill=palette[o.colour])
+        draw.polygon(pts((-0.47, -0.05), (0.47, -0.05), (0, 0.48)), fill=palette[o.colour])
+    elif o.kind == "ring":
+        draw.ellipse(box(-0.5, -0.5, 0.5, 0.5), outline=palette[o.colour], width=max(1, round(0.16 * s)))
+    elif o.kind == "moon":  # a crescent: a disc with a background-coloured disc bitten out of it
+        draw.ellipse(box(-0.45, -0.45, 0.45, 0.45), fill=(240, 225, 120))
+        draw.ellipse(box(-0.2, -0.55, 0.6, 0.35), fill=BACKGROUND)
+    elif o.kind == "house":
+        draw.rectangle(box(-0.36, -0.05, 0.36, 0.48), fill=(200, 150, 90))  # walls
+        draw.polygon(pts((-0.5, -0.02), (0, -0.5), (0.5, -0.02)), fill=(170, 40, 40))  # roof
+        draw.rectangle(box(-0.09, 0.2, 0.09, 0.48), fill=(90, 55, 30))  # door
+    elif o.kind == "flower":
+        draw.rectangle(box(-0.05, 0.0, 0.05, 0.5), fill=(40, 140, 40))  # stem
+        for angle in np.arange(5) * 2 * np.pi / 5:
+            c, t = 0.2 * np.cos(angle), 0.2 * np.sin(angle) - 0.18
+            draw.ellipse(box(c - 0.15, t - 0.15, c + 0.15, t + 0.15), fill=(235, 120, 200))  # petals
+        draw.ellipse(box(-0.1, -0.28, 0.1, -0.08), fill=(250, 215, 40))
+    elif o.kind == "fish":
+        draw.ellipse(box(-0.5, -0.25, 0.25, 0.25), fill=(245, 140, 40))  # body
+        draw.polygon(pts((0.15, 0), (0.5, -0.28), (0.5, 0.28)), fill=(245, 140, 40))  # tail
+        draw.ellipse(box(-0.36, -0.1, -0.24, 0.02), fill=(25, 25, 30))  # eye
     elif o.kind == "sun":
         for angle in np.arange(8) * np.pi / 4:  # eight rays: what tells a sun from a yellow circle
             c, t = np.cos(angle), np.sin(angle)

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from genlab.cli_options import (
-    BatchSize, CkptEvery, Config, EvalEvery, Lr, MaxMinutes, MaxSteps, Out, Preset, Resume, TrainDevice, TrainSeed, err, out,
+    BatchSize, CkptEvery, Config, EvalEvery, Lr, MaxMinutes, TimeSchedule, MaxSteps, Out, Preset, Resume, TrainDevice, TrainSeed, err, out,
 )
 from genlab.errors import InvalidParameterError
 
@@ -130,7 +130,7 @@ def image_scenes(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write (replaced whole): NAME.png + NAME.txt pairs and specs.jsonl.")],
     n: Annotated[int, typer.Option("-n", help="Scenes to draw.")] = 30000,
     split: Annotated[str, typer.Option(help="train (never a held-out combination) | heldout (each shows one) | all.")] = "train",
-    diverse: Annotated[bool, typer.Option("--diverse/--no-diverse", help="Train split: add the training-only colours, shapes and bow tie (on by default for train).")] = True,
+    diverse: Annotated[bool, typer.Option("--diverse/--no-diverse", help="Train split: add the training-only colours, shapes, things and accessories (on by default for train).")] = True,
     seed: Annotated[int, typer.Option(help="Same seed -> same scenes.")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
 ):
@@ -158,6 +158,7 @@ def image_train(
     batch_size: BatchSize = None,
     max_steps: MaxSteps = None,
     max_minutes: MaxMinutes = None,
+    time_schedule: TimeSchedule = None,
     lr: Lr = None,
     eval_every: EvalEvery = None,
     checkpoint_every: CkptEvery = None,
@@ -177,8 +178,8 @@ def image_train(
 
     overrides = dict(out=str(out_dir) if out_dir else None, preset=preset, caption_dropout=caption_dropout,
                      guidance=guidance, temperature=temperature, batch_size=batch_size, max_steps=max_steps,
-                     max_minutes=max_minutes, lr=lr, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                     seed=seed, device=device)
+                     max_minutes=max_minutes, time_schedule=time_schedule, lr=lr, eval_every=eval_every,
+                     checkpoint_every=checkpoint_every, seed=seed, device=device)
     result = fit_image_model(folder, tokenizer, config_file=config, resume=resume, console=err, **overrides)
     print(result.model_dir)
 
@@ -361,21 +362,22 @@ def image_improve(
     feedback: Annotated[Path, typer.Option("--feedback", help="Feedback database written by genlab image serve.")],
     registry: Annotated[Optional[Path], typer.Option(help="Image version registry (default: image-registry.db beside the feedback database).")] = None,
     runs: Annotated[Path, typer.Option("--out", "-o", help="Runs folder (candidate adapter, report.json, gate.png).")] = Path("runs/improve-image"),
-    epochs: Annotated[float, typer.Option(help="Passes over the A/B pairs.")] = 4.0,
+    method: Annotated[Optional[str], typer.Option(help="dpo (A/B choices) or kto (thumbs / ratings); default: dpo with enough pairs, else kto.")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the A/B pairs or rated images.")] = 4.0,
     lr: Annotated[float, typer.Option(help="Learning rate of the LoRA adapter.")] = 2e-3,
-    beta: Annotated[float, typer.Option(help="DPO beta: the pull towards the serving version.")] = 0.1,
+    beta: Annotated[float, typer.Option(help="DPO / KTO beta: the pull towards the serving version.")] = 0.1,
     no_promote: Annotated[bool, typer.Option("--no-promote", help="Gate and register the candidate, but never promote it.")] = False,
 ):
-    """DPO on the A/B choices users made between images: a candidate LoRA adapter, gated on
-    held-out prompts (preference accuracy, drift of the images it draws) and promoted in the
-    registry only if it clears every bar.
+    """DPO on the A/B choices users made between images (or KTO on their thumbs when pairs are
+    too few): a candidate LoRA adapter, gated on held-out prompts (preference accuracy, drift of
+    the images it draws) and promoted in the registry only if it clears every bar.
 
-    Example: genlab image improve runs/t2i/model --feedback feedback.db
+    Example: genlab image improve runs/t2i/model --feedback feedback.db [--method kto]
     """
     from genlab.image.feedback import ImagePreferConfig, improve_images
 
     if not feedback.is_file():
         raise InvalidParameterError(f"{feedback}: no such feedback database (genlab image serve --db writes it)")
     report = improve_images(model_dir, feedback, registry, runs, ImagePreferConfig(epochs=epochs, lr=lr, beta=beta),
-                            promote=not no_promote, console=err)
+                            promote=not no_promote, method=method, console=err)
     out.print(f"report: {report.out_dir / 'report.json'}", highlight=False)
