@@ -116,12 +116,14 @@ def main() -> None:
                     help="dpo: the A/B choices; kto: the thumbs on single images (no pairs used)")
     ap.add_argument("--feedback-db", help="reuse this feedback database (copied; its model must be --model) "
                                           "instead of running the user again")
-    ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--epochs", type=float, help="default: 2 for dpo, image/feedback.METHOD_DEFAULTS for kto")
+    ap.add_argument("--lr", type=float, help="default: image/feedback.METHOD_DEFAULTS of the method")
     ap.add_argument("--beta", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.epochs is None and args.method == "dpo":
+        args.epochs = 2.0  # the gentler DPO candidate of the two measured (README)
     torch.set_num_threads(args.threads)
 
     from rich.console import Console

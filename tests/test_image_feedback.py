@@ -177,6 +177,9 @@ def test_kto_refuses_ratings_that_are_all_good_and_tiny_batches(model_dir, tmp_p
         train_image_preferences(model_dir, toy_ratings(model_dir, 4), tmp_path / "c", "kto", ImagePreferConfig(batch_size=1))
     with pytest.raises(InvalidParameterError, match="dpo, kto"):
         train_image_preferences(model_dir, rows, tmp_path / "c", "orpo")
+    # thumbs are many more rows than pairs: KTO's defaults take far fewer passes, at a lower rate
+    assert ImagePreferConfig().resolved("kto").epochs == 0.25 and ImagePreferConfig().resolved("dpo").epochs == 4
+    assert ImagePreferConfig(epochs=1.0, lr=3e-3).resolved("kto").epochs == 1.0
 
 
 def test_improve_images_with_thumbs_only_runs_kto_and_promotes(model_dir, tmp_path, one_torch_thread):

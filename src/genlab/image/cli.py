@@ -363,8 +363,8 @@ def image_improve(
     registry: Annotated[Optional[Path], typer.Option(help="Image version registry (default: image-registry.db beside the feedback database).")] = None,
     runs: Annotated[Path, typer.Option("--out", "-o", help="Runs folder (candidate adapter, report.json, gate.png).")] = Path("runs/improve-image"),
     method: Annotated[Optional[str], typer.Option(help="dpo (A/B choices) or kto (thumbs / ratings); default: dpo with enough pairs, else kto.")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the A/B pairs or rated images.")] = 4.0,
-    lr: Annotated[float, typer.Option(help="Learning rate of the LoRA adapter.")] = 2e-3,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the A/B pairs or rated images (default: 4 for DPO, 0.25 for KTO).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate of the LoRA adapter (default: 2e-3 for DPO, 1e-3 for KTO).")] = None,
     beta: Annotated[float, typer.Option(help="DPO / KTO beta: the pull towards the serving version.")] = 0.1,
     no_promote: Annotated[bool, typer.Option("--no-promote", help="Gate and register the candidate, but never promote it.")] = False,
 ):
