@@ -10,7 +10,7 @@
    it: a few timed training steps at 1 and at 2 threads (on a shared machine 2 threads can be far
    slower than 1) pick the thread count; the learning-rate schedule runs by the clock, so it ends
    at the bottom when the 15 minutes do, however fast the machine turns out to be (the timed
-   steps' estimate is printed; --step-schedule: max_steps = that estimate instead);
+   steps' estimate is printed; --no-time-schedule: max_steps = that estimate instead);
 5. evaluation on held-out caption combinations and on train-split captions: compositional
    accuracy (floor: >= 0.70 held-out), per requirement and per held-out combination, FID and
    joint FID (checker features + caption vector) against independent real renders, next to real
@@ -114,8 +114,8 @@ def main() -> None:
 
         shutil.rmtree(run)
     fit = fit_image_model(data, tok_dir, run, preset=args.preset, max_steps=steps, batch_size=args.batch_size,
-                          lr=args.lr, max_minutes=args.budget_minutes, time_schedule=args.time_schedule, guidance=args.guidance,
-                          temperature=args.temperature, seed=args.seed, eval_every=500, checkpoint_every=1000,
+                          lr=args.lr, max_minutes=args.budget_minutes, time_schedule=args.time_schedule,
+                          guidance=args.guidance, temperature=args.temperature, seed=args.seed, eval_every=500, checkpoint_every=1000,
                           samples=8, console=console)
     seconds["t2i_total"] = time.perf_counter() - t
     seconds["t2i_training_loop"] = fit.result.seconds

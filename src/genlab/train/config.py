@@ -33,7 +33,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000
     max_minutes: float | None = None  # stop early (cleanly, with a checkpoint) after this long
-    time_schedule: bool = False  # with max_minutes: the cosine decay ends when the time does (see train/loop.lr_at)
+    # with max_minutes: the cosine decay ends when the time does (train/loop.lr_at); like max_minutes,
+    # the clock starts again on --resume (the schedule then follows the larger of the two progresses)
+    time_schedule: bool = False
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
