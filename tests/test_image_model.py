@@ -220,15 +220,17 @@ def test_cli_train_and_generate_end_to_end(tmp_path, image_tok_dir):
     assert run.returncode == 0 and "48 train scenes" in run.stdout, run.stderr
     assert len(list(data.glob("*.png"))) == 48 and (data / "specs.jsonl").exists()
     run = genlab("image", "train", data, "--tokenizer", image_tok_dir, "--out", tmp_path / "run", "--max-steps", 4,
-                 "--preset", "1m", "--batch-size", 8, "--caption-dropout", 0.2)
+                 "--preset", "1m", "--batch-size", 8, "--caption-dropout", 0.2, "--captioner-minutes", 0.02)
     assert run.returncode == 0, run.stderr
     model_dir = tmp_path / "run" / "model"
     assert run.stdout.strip().endswith(str(model_dir)) and (tmp_path / "run" / "samples.png").exists()
+    assert (model_dir / "captioner" / "captioner.safetensors").exists() and "captioner for best-of-N" in run.stderr
     grid = tmp_path / "grid.png"
     run = genlab("image", "generate", model_dir, "a cat wearing sunglasses and a hat", "a red square left of a blue circle",
-                 "-n", 3, "--out", grid, "--guidance", 2, "--seed", 1, "--top-k", 50)
+                 "-n", 3, "--out", grid, "--guidance", 2, "--seed", 1, "--top-k", 50, "--candidates", 2)
     assert run.returncode == 0, run.stderr
     assert "never saw are left out" in run.stderr and "and" in run.stderr  # "and" is in no training caption
+    assert "each the best of 2 by the captioner" in run.stdout
     from PIL import Image
 
     with Image.open(grid) as img:

@@ -155,6 +155,7 @@ def image_train(
     caption_dropout: Annotated[Optional[float], typer.Option(help="Fraction of draws trained with the empty caption (what classifier-free guidance needs; 0.1 by default).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Default guidance scale recorded in the model folder (2 by default).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Default sampling temperature recorded in the model folder (0.8 by default).")] = None,
+    captioner_minutes: Annotated[Optional[float], typer.Option(help="Then train the captioner that best-of-N generation ranks samples with (generate --candidates) this many minutes (0, the default: none).")] = None,
     batch_size: BatchSize = None,
     max_steps: MaxSteps = None,
     max_minutes: MaxMinutes = None,
@@ -173,11 +174,14 @@ def image_train(
     at random so classifier-free guidance works. Writes OUT/model and OUT/samples.png.
 
     Example: genlab image train scenes/ --tokenizer runs/image-tok --out runs/t2i --max-steps 3000 --preset 2m
+
+    Example: genlab image train scenes/ --tokenizer runs/image-tok --out runs/t2i --max-minutes 12.5 --captioner-minutes 2.5
     """
     from genlab.image.model import fit_image_model
 
     overrides = dict(out=str(out_dir) if out_dir else None, preset=preset, caption_dropout=caption_dropout,
-                     guidance=guidance, temperature=temperature, batch_size=batch_size, max_steps=max_steps,
+                     guidance=guidance, temperature=temperature, captioner_minutes=captioner_minutes,
+                     batch_size=batch_size, max_steps=max_steps,
                      max_minutes=max_minutes, time_schedule=time_schedule, lr=lr, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, seed=seed, device=device)
     result = fit_image_model(folder, tokenizer, config_file=config, resume=resume, console=err, **overrides)
@@ -220,6 +224,7 @@ def image_generate(
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature, 0 = greedy (default: the model's).")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely image codes (0 = off, the default).")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass in (0, 1] (1 by default).")] = None,
+    candidates: Annotated[Optional[int], typer.Option(help="Best of N: draw N samples per image and keep those the model's captioner scores highest (1 by default; needs a model trained with --captioner-minutes).")] = None,
     seed: Annotated[int, typer.Option(help="Same seed -> same images (image k of the grid uses seed + k with --pipeline).")] = 0,
     batch_size: Annotated[Optional[int], typer.Option(help="Images generated together (64 by default; 4 with --pipeline).")] = None,
     scale: Annotated[Optional[int], typer.Option(help="Enlarge each image this many times in the grid (4 by default).")] = None,
@@ -230,6 +235,8 @@ def image_generate(
 
     Example: genlab image generate runs/t2i/model "a cat wearing sunglasses" "a red square left of a blue circle" -n 4 --out grid.png --guidance 3 --seed 1
 
+    Example: genlab image generate runs/t2i/model "a sun above a cat" -n 4 --candidates 8 --out best.png
+
     Example: genlab image generate --pipeline ~/models/sd15 --lora runs/my-lora "a watercolour harbour at dawn" -n 4 --steps 30 --size 512 --seed 1
     """
     if out_file.suffix.lower() != ".png":
@@ -238,11 +245,12 @@ def image_generate(
         if model is None or not captions:
             raise InvalidParameterError("give a MODEL folder and at least one caption, or --pipeline DIR and prompts")
         _only_for("--pipeline", lora=lora, steps=steps, size=size, negative_prompt=negative_prompt, dtype=dtype)
-        _generate_tokens(Path(model), captions, n, out_file, guidance, temperature, top_k, top_p, seed, batch_size, scale, device)
+        _generate_tokens(Path(model), captions, n, out_file, guidance, temperature, top_k, top_p, seed, batch_size, scale,
+                         device, 1 if candidates is None else candidates)
         return
     if model is not None and Path(model).expanduser().is_dir():
         raise InvalidParameterError(f"give either a MODEL folder or --pipeline, not both ({model} is a folder, not a prompt)")
-    _only_for("genlab models (MODEL)", temperature=temperature, top_k=top_k, top_p=top_p, scale=scale)
+    _only_for("genlab models (MODEL)", temperature=temperature, top_k=top_k, top_p=top_p, scale=scale, candidates=candidates)
     prompts = [model, *(captions or [])] if model is not None else []
     if not prompts:
         raise InvalidParameterError("give at least one prompt after --pipeline DIR")
@@ -250,7 +258,8 @@ def image_generate(
                         size=_size(size), negative_prompt=negative_prompt, batch_size=batch_size)
 
 
-def _generate_tokens(model, captions, n, out_file, guidance, temperature, top_k, top_p, seed, batch_size, scale, device):
+def _generate_tokens(model, captions, n, out_file, guidance, temperature, top_k, top_p, seed, batch_size, scale, device,
+                     candidates=1):
     import time
 
     from genlab.image.grid import save_grid
@@ -266,12 +275,13 @@ def _generate_tokens(model, captions, n, out_file, guidance, temperature, top_k,
     start = time.perf_counter()
     images = image_model.generate(captions, n=n, guidance=guidance, temperature=temperature,
                                   top_k=0 if top_k is None else top_k, top_p=1.0 if top_p is None else top_p,
-                                  seed=seed, batch_size=batch_size or 64)
+                                  seed=seed, batch_size=batch_size or 64, candidates=candidates)
     seconds = time.perf_counter() - start
     save_grid(images, out_file, columns=n, labels=captions, scale=scale)
     g = image_model.default_guidance if guidance is None else guidance
     t = image_model.default_temperature if temperature is None else temperature
-    out.print(f"{len(images)} images ({len(captions)} caption(s) x {n}, guidance {g:g}, temperature {t:g}) in "
+    best = f", each the best of {candidates} by the captioner" if candidates > 1 else ""
+    out.print(f"{len(images)} images ({len(captions)} caption(s) x {n}{best}, guidance {g:g}, temperature {t:g}) in "
               f"{seconds:.1f}s -> {out_file}")
 
 

@@ -14,7 +14,9 @@ generates `n_per_caption` images for each caption and reports:
   those real renders paired with the captions of other scenes (perfect images that ignore their
   caption: plain FID cannot see this, joint FID and accuracy do); the model's own images paired
   with shuffled captions; and each extra guidance scale in `compare_guidance` (0 = the
-  unconditional model).
+  unconditional model);
+- best-of-N (`candidates`, for a model with a captioner, `image/rerank.py`): the same captions,
+  each image the best of N samples by the captioner's log p(caption | image).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def _by_combination(checker, images, specs) -> dict[str, float]:
 
 def evaluate_split(model, checker, split: str = "heldout", n_captions: int = 300, n_per_caption: int = 2,
                    guidance: float = 3.0, compare_guidance: tuple[float, ...] = (0.0,), seed: int = 0,
-                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 128) -> dict:
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 128,
+                   candidates: tuple[int, ...] = ()) -> dict:
     """Scores of one split (see the module docstring); `images` holds the generated images."""
     from genlab.data import scenes as S
     from genlab.evaluate.scene_checker import condition_vectors
@@ -82,6 +85,12 @@ def evaluate_split(model, checker, split: str = "heldout", n_captions: int = 300
         if g != guidance:
             other = model.generate(captions, n=n_per_caption, guidance=g, **sampling)
             out[f"guidance_{g:g}"] = _score(checker, other, specs, feats_ref, conds_ref, conds)
+    for k in candidates:
+        if k > 1:
+            best = model.generate(captions, n=n_per_caption, guidance=guidance, candidates=k, **sampling)
+            out[f"best_of_{k}"] = _score(checker, best, specs, feats_ref, conds_ref, conds)
+            if split == "heldout":
+                out[f"best_of_{k}"]["by_combination"] = _by_combination(checker, best, specs)
     out["images_array"] = images
     out["captions_list"] = [c for c in captions for _ in range(n_per_caption)]
     return out
@@ -102,6 +111,7 @@ def summary_rows(result: dict) -> list[tuple[str, str, float, float, float]]:
     for split, r in result.items():
         named = [("model", f"model (guidance {r['guidance']:g})")]
         named += [(k, f"model (guidance {k.split('_', 1)[1]})") for k in r if k.startswith("guidance_")]
+        named += [(k, f"model, best of {k.rsplit('_', 1)[1]} by its captioner") for k in r if k.startswith("best_of_")]
         named += [("model_shuffled_captions", "model images, shuffled captions"),
                   ("real", "real renders, true captions"),
                   ("real_shuffled_captions", "baseline: real renders, shuffled captions")]

@@ -78,7 +78,7 @@ class ImagePreferConfig:
 
 def load_version(base: str | Path, adapter: str | Path | None = None, device: str = "cpu"):
     """An ImageModel of a registry version: the base folder with its adapter (if any) merged in."""
-    from genlab.image.model import ImageModel
+    from genlab.image.model import ImageModel, load_captioner
     from genlab.model import io
 
     loaded = io.load(base, dtype=torch.float32, device=device)
@@ -86,7 +86,7 @@ def load_version(base: str | Path, adapter: str | Path | None = None, device: st
     if adapter is not None:
         module = lora.merge(lora.load_adapter(module, adapter, "version"), "version")
     loaded.tokenizer.image.to(device)
-    return ImageModel(module, loaded.tokenizer, device, loaded.generation)
+    return ImageModel(module, loaded.tokenizer, device, loaded.generation, captioner=load_captioner(base))
 
 
 def sequences(codec, captions: list[str], token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

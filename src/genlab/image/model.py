@@ -56,6 +56,8 @@ class ImageModelConfig(TrainConfig):
     checkpoint_every: int = 500
     val_fraction: float = 0.02
     samples: int = 8  # validation captions drawn into samples.png after training (0: none)
+    captioner_minutes: float = 0.0  # > 0: then train the best-of-N captioner (image/rerank.py) this long
+    captioner_steps: int = 100_000  # ... or this many steps, whichever ends first
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,6 +65,8 @@ class ImageModelConfig(TrainConfig):
             raise InvalidParameterError("caption_dropout must be in [0, 1)")
         if self.views < 1 or self.max_caption_tokens < 1 or self.guidance < 0 or self.temperature < 0:
             raise InvalidParameterError("views and max_caption_tokens must be >= 1, guidance and temperature >= 0")
+        if self.captioner_minutes < 0 or self.captioner_steps < 1:
+            raise InvalidParameterError("captioner_minutes must be >= 0 and captioner_steps >= 1")
 
 
 @dataclass
@@ -197,6 +201,15 @@ def fit_image_model(data, tokenizer_dir, out: str | Path | None = None, config: 
                 generation={"guidance": cfg.guidance, "temperature": cfg.temperature})
         log(f"done: {result.step} steps in {result.seconds:.0f}s; validation loss {before:.3f} -> "
             f"{result.val_loss:.3f} nats/token; text-to-image model -> {model_dir}")
+        if cfg.captioner_minutes > 0:
+            from genlab.image.rerank import train_captioner
+
+            captioner, info["captioner"] = train_captioner(
+                images[train_idx], [vocab.encode(captions[i])[: cfg.max_caption_tokens] for i in train_idx], len(vocab),
+                max_steps=cfg.captioner_steps, max_minutes=cfg.captioner_minutes, seed=cfg.seed, console=console)
+            captioner.save(model_dir / "captioner")
+            log(f"captioner for best-of-N: {info['captioner']['steps']} steps in {info['captioner']['seconds']:.0f}s, "
+                f"loss {info['captioner']['final_loss']:.3f} -> {model_dir / 'captioner'}")
         if cfg.samples:
             from genlab.image.grid import save_grid
 
@@ -209,12 +222,22 @@ def fit_image_model(data, tokenizer_dir, out: str | Path | None = None, config: 
     return ImageRunResult(out, model_dir, result, before, len(images), info)
 
 
+def load_captioner(model_dir: str | Path):
+    """The best-of-N captioner in a model folder (`captioner/`), or None when it has none."""
+    if not (Path(model_dir) / "captioner").is_dir():
+        return None
+    from genlab.image.rerank import Captioner
+
+    return Captioner.load(Path(model_dir) / "captioner")
+
+
 class ImageModel:
     """A trained text-to-image model: captions in, uint8 images out."""
 
     def __init__(self, module: Transformer, codec: TextImageCodec, device: str = "cpu",
-                 generation: dict | None = None, pack: bool = True):
+                 generation: dict | None = None, pack: bool = True, captioner=None):
         self.module, self.codec, self.device = module.eval(), codec, torch.device(device)
+        self.captioner = captioner  # image/rerank.Captioner (on the CPU) for candidates > 1, or None
         if pack:
             self.module.pack_for_inference()
         generation = generation or {}
@@ -228,10 +251,11 @@ class ImageModel:
             raise InvalidParameterError(f"{path}: not a text-to-image model (genlab.json names no text-image codec); "
                                         "train one with `genlab image train`")
         loaded.tokenizer.image.to(device)
-        return cls(loaded.module, loaded.tokenizer, device, loaded.generation)
+        return cls(loaded.module, loaded.tokenizer, device, loaded.generation, captioner=load_captioner(path))
 
     def generate(self, captions: str | list[str], n: int = 4, guidance: float | None = None, temperature: float | None = None,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64) -> np.ndarray:
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+                 candidates: int = 1) -> np.ndarray:
         """uint8 images [len(captions) * n, S, S, 3]: caption i's samples are rows i*n ... i*n+n-1.
 
         guidance: classifier-free guidance scale (0 = unconditional, 1 = conditional without
@@ -239,15 +263,36 @@ class ImageModel:
         Captions are split into words; words the model never saw are left out (`codec.vocab.unknown`
         lists them). Seeds: a caption's k-th sample in the
         request (counting repeats of the same caption) uses seed + k, so results do not depend on
-        batch_size or on the other captions, and a repeated caption gets new samples."""
-        codes = self.generate_codes(captions, n, guidance, temperature, top_k, top_p, seed, batch_size)
+        batch_size or on the other captions, and a repeated caption gets new samples.
+        candidates > 1: best-of-N; each caption's n * candidates samples are scored by the model's
+        captioner (log p(caption | image), `image/rerank.py`) and the n best are kept, best first."""
+        codes = self.generate_codes(captions, n, guidance, temperature, top_k, top_p, seed, batch_size, candidates)
+        return self.decode(codes)
+
+    def _need_captioner(self) -> None:
+        if self.captioner is None:
+            raise InvalidParameterError("candidates > 1 needs the model's captioner, and this model has none: "
+                                        "train it with `genlab image train ... --captioner-minutes M`")
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Image codes [N, h*w] -> uint8 images [N, S, S, 3]."""
         return self.codec.image.decode(codes.reshape(len(codes), *self.codec.image.grid))
+
+    def best_of(self, captions: list[str], codes: np.ndarray, n: int) -> np.ndarray:
+        """Which n of each caption's samples the captioner ranks highest, best first: indices
+        [len(captions), n] into that caption's rows of `codes` (len(codes) // len(captions) each)."""
+        self._need_captioner()
+        k = len(codes) // len(captions)
+        words = [self.codec.vocab.encode(c)[: self.codec.max_caption_tokens] for c in captions for _ in range(k)]
+        scores = self.captioner.score(self.decode(codes), words).reshape(len(captions), k)
+        return np.argsort(-scores, axis=1, kind="stable")[:, :n]
 
     @torch.inference_mode()
     def generate_codes(self, captions: str | list[str], n: int = 4, guidance: float | None = None,
                        temperature: float | None = None, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                       batch_size: int = 64) -> np.ndarray:
-        """Image codes [len(captions) * n, h*w] (the image tokenizer's code ids)."""
+                       batch_size: int = 64, candidates: int = 1) -> np.ndarray:
+        """Image codes [len(captions) * n, h*w] (the image tokenizer's code ids); candidates: as
+        in `generate`."""
         from genlab.generate.sampling import SamplingParams
 
         captions = [captions] if isinstance(captions, str) else list(captions)
@@ -257,6 +302,13 @@ class ImageModel:
             raise InvalidParameterError("give at least one caption (a string; \"\" = unconditional)")
         if not isinstance(n, int) or n < 1 or batch_size < 1:
             raise InvalidParameterError("n and batch_size must be integers >= 1")
+        if not isinstance(candidates, int) or candidates < 1:
+            raise InvalidParameterError(f"candidates must be an integer >= 1, not {candidates!r}")
+        if candidates > 1:
+            self._need_captioner()  # before drawing n * candidates samples
+            codes = self.generate_codes(captions, n * candidates, guidance, temperature, top_k, top_p, seed, batch_size)
+            picked = self.best_of(captions, codes, n) + n * candidates * np.arange(len(captions))[:, None]
+            return codes[picked.reshape(-1)]
         if not np.isfinite(guidance) or guidance < 0:
             raise InvalidParameterError(f"guidance must be >= 0 (0 = unconditional, 1 = no guidance); got {guidance}")
         params = SamplingParams(max_new_tokens=self.codec.tokens_per_image, temperature=temperature, top_k=top_k,

@@ -79,7 +79,7 @@ class ImageService:
             if not codec.caption_ids(body.prompt):
                 raise InvalidParameterError(f"prompt: the model knows none of its words ({', '.join(ignored)})")
             codes = model.generate_codes([body.prompt], n=body.n, guidance=body.guidance, temperature=body.temperature,
-                                         top_k=body.top_k, top_p=body.top_p, seed=seed)
+                                         top_k=body.top_k, top_p=body.top_p, seed=seed, candidates=body.candidates)
         images = codec.image.decode(codes.reshape(len(codes), *codec.image.grid))
         return self._record(body, user, seed, model, version, codes, images, ignored, started)
 
@@ -94,15 +94,17 @@ class ImageService:
         records, data = [], []
         for k, c in enumerate(codes):
             ids = tokens_of(codec, c)
-            params = {"n": body.n, "index": k, "seed": seed + k, "guidance": guidance, "temperature": temperature,
-                      "top_k": body.top_k, "top_p": body.top_p}
+            # best of N: the request's seed (and candidates) reproduce the image, not seed + k
+            own_seed = seed + k if body.candidates == 1 else seed
+            params = {"n": body.n, "index": k, "seed": own_seed, "guidance": guidance, "temperature": temperature,
+                      "top_k": body.top_k, "top_p": body.top_p, "candidates": body.candidates}
             rec = CompletionRecord(id=new_completion_id("img"), endpoint="images", model=self.name, prompt=body.prompt,
                                    choices=[ChoiceRecord(0, "", "stop", len(ids), token_ids=ids)], request=request,
                                    params=params, adapter=version, model_version=version, user=user or body.user,
                                    prompt_tokens=len(codec.prompt(body.prompt)), completion_tokens=len(ids),
                                    latency_ms=latency)
             records.append(rec)
-            data.append({"b64_json": png_base64(images[k]), "id": rec.id, "seed": seed + k, "revised_prompt": None})
+            data.append({"b64_json": png_base64(images[k]), "id": rec.id, "seed": own_seed, "revised_prompt": None})
         self.store.record_all(records)  # committed before the client sees an image
         return {"created": int(time.time()), "model": self.name, "version": version, "data": data,
                 "ignored_words": ignored}

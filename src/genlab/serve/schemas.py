@@ -157,6 +157,7 @@ class ImageRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    candidates: int = Field(1, ge=1, le=16)  # best of N by the model's captioner (image/rerank.py)
 
     @field_validator("response_format")
     @classmethod

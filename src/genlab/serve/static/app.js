@@ -366,6 +366,8 @@ function showMode() {
 async function sendImages() {
   const g = numberOf("#guidance");
   if (g !== null && !(g >= 0 && g <= 20)) return setStatus("Guidance must be between 0 and 20.", true);
+  const best = numberOf("#candidates");
+  if (best !== null && !(Number.isInteger(best) && best >= 1 && best <= 16)) return setStatus("Best of must be a whole number from 1 to 16.", true);
   const text = takePrompt();
   if (text === null) return;
   setBusy(true);
@@ -375,6 +377,7 @@ async function sendImages() {
   $("#messages").append(el("div", { className: "compare" }, hint, pair));
   const body = { model: $("#model").value, prompt: text, n: 2, temperature: numberOf("#temperature") };
   if (g !== null) body.guidance = g;
+  if (best !== null) body.candidates = best;
   if (numberOf("#seed") !== null) body.seed = numberOf("#seed");
   try {
     const { data, ignored_words: ignored } = await (await api("/v1/images/generations", body)).json();
