@@ -55,7 +55,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16,
                     help="16: twice the optimizer steps of 32 in the budget; steadier held-out accuracy over seeds (README)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--budget-minutes", type=float, default=15.0, help="wall-clock budget of the training loop")
+    ap.add_argument("--budget-minutes", type=float, default=15.0,
+                    help="wall-clock budget of training: the text-to-image loop gets what the captioner leaves")
+    ap.add_argument("--captioner-minutes", type=float, default=2.5,
+                    help="of the budget, for the best-of-N captioner (image/rerank.py); 0: none")
+    ap.add_argument("--candidates", type=int, default=8, help="best of this many samples per image by the captioner")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--captions", type=int, default=300, help="evaluation captions per split")
@@ -79,10 +83,11 @@ def main() -> None:
     seconds: dict[str, float] = {}
     threads, step_s = calibrate(args.preset, args.batch_size, args.threads)
     torch.set_num_threads(threads)
-    estimate = max(100, int(0.97 * 60 * args.budget_minutes / step_s))
+    t2i_minutes = args.budget_minutes - args.captioner_minutes
+    estimate = max(100, int(0.97 * 60 * t2i_minutes / step_s))
     steps = args.max_steps if args.time_schedule else min(args.max_steps, estimate)
     console.print(f"calibration: {step_s * 1e3:.0f} ms per step at {threads} thread(s) -> about {estimate} steps "
-                  f"in the {args.budget_minutes:g}-minute budget")
+                  f"in the {t2i_minutes:g} minutes of the {args.budget_minutes:g}-minute budget left by the captioner")
 
     t = time.perf_counter()
     data = out / f"scenes-{args.images}{'-diverse' if args.diverse else ''}"
@@ -115,18 +120,21 @@ def main() -> None:
 
         shutil.rmtree(run)
     fit = fit_image_model(data, tok_dir, run, preset=args.preset, max_steps=steps, batch_size=args.batch_size,
-                          lr=args.lr, max_minutes=args.budget_minutes, time_schedule=args.time_schedule,
+                          lr=args.lr, max_minutes=t2i_minutes, time_schedule=args.time_schedule,
+                          captioner_minutes=args.captioner_minutes,
                           guidance=args.guidance, temperature=args.temperature, seed=args.seed, eval_every=500, checkpoint_every=1000,
                           samples=8, console=console)
     seconds["t2i_total"] = time.perf_counter() - t
     seconds["t2i_training_loop"] = fit.result.seconds
+    seconds["captioner"] = fit.data.get("captioner", {}).get("seconds", 0.0)
     seconds["t2i_cpu"] = time.process_time() - cpu
 
     t = time.perf_counter()
     model = ImageModel.load(fit.model_dir)
     result = evaluate_image_model(model, checker, n_captions=args.captions, n_per_caption=args.per_caption,
                                   guidance=args.guidance, compare_guidance=(0.0, 1.0, 3.0), seed=args.seed,
-                                  temperature=args.temperature)
+                                  temperature=args.temperature,
+                                  candidates=(args.candidates,) if args.captioner_minutes > 0 else ())
     seconds["evaluate"] = time.perf_counter() - t
     grid = model.generate(GRID_CAPTIONS, n=6, seed=args.seed)
     save_grid(grid, out / "grid.png", columns=6, labels=GRID_CAPTIONS)
@@ -141,11 +149,16 @@ def main() -> None:
     print("held-out accuracy per combination:", _fmt(held["model"]["by_combination"]))
     print("held-out accuracy per requirement:", _fmt(held["model"]["requirements"]))
     print("train-split accuracy per requirement:", _fmt(train["model"]["requirements"]))
-    floor = held["model"]["accuracy"] >= 0.70
-    budget = fit.result.seconds <= 15 * 60 * 1.02  # the loop's own clock; evaluation steps included
-    print(f"floor: held-out compositional accuracy {held['model']['accuracy']:.3f} >= 0.70: "
-          f"{'MET' if floor else 'NOT MET'}; training loop {fit.result.seconds / 60:.1f} min <= 15: "
-          f"{'yes' if budget else 'NO'}")
+    shipped = f"best_of_{args.candidates}" if f"best_of_{args.candidates}" in held else "model"
+    if shipped != "model":
+        print(f"held-out accuracy per combination, best of {args.candidates}:", _fmt(held[shipped]["by_combination"]))
+    accuracy = held[shipped]["accuracy"]
+    floor = accuracy >= 0.70
+    trained = fit.result.seconds + seconds["captioner"]  # the loop's own clock (evaluation steps included) + captioner
+    budget = trained <= 15 * 60 * 1.02
+    print(f"floor: held-out compositional accuracy{'' if shipped == 'model' else f' (best of {args.candidates})'} "
+          f"{accuracy:.3f} >= 0.70: {'MET' if floor else 'NOT MET'} (one sample each: {held['model']['accuracy']:.3f}); "
+          f"training {trained / 60:.1f} min <= 15: {'yes' if budget else 'NO'}")
     print("seconds:", _fmt(seconds, 0))
     report = {"args": vars(args), "steps": fit.result.step, "calibrated_ms_per_step": step_s * 1e3, "val_loss": fit.result.val_loss,
               "val_loss_before": fit.val_loss_before, "seconds": seconds, "floor_met": bool(floor),
