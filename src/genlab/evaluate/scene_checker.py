@@ -12,7 +12,6 @@ not match their captions, which the plain FID cannot.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,12 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genlab.data import scenes as S
-from genlab.errors import InvalidParameterError, ModelLoadError
-from genlab.fsutil import atomic_dir
+from genlab.errors import InvalidParameterError
+from genlab.model.io import load_network, save_network
 
 GRID = 8  # cells per side: stride 4 on a 32x32 image
 PART_GRID = 16  # accessory maps: stride 2
@@ -224,25 +222,18 @@ class SceneChecker:
 
     def save(self, out_dir) -> Path:
         """`checker.safetensors` + `checker.json` in `out_dir`, written as a whole (temp, rename)."""
-        with atomic_dir(out_dir) as tmp:
-            save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(tmp / "checker.safetensors"))
-            info = {"config": asdict(self.config), "meta": self.meta, "kinds": S.KINDS, "colours": S.COLOURS}
-            (tmp / "checker.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        return Path(out_dir)
+        info = {"config": asdict(self.config), "meta": self.meta, "kinds": S.KINDS, "colours": S.COLOURS}
+        return save_network(out_dir, "checker", self.net, info)
 
     @classmethod
     def load(cls, path) -> "SceneChecker":
-        path = Path(path)
-        try:
-            info = json.loads((path / "checker.json").read_text(encoding="utf-8"))
+        def build(info):
             if tuple(info["kinds"]) != S.KINDS or tuple(info["colours"]) != S.COLOURS:
-                raise ModelLoadError(f"{path}: checker was trained on other kinds or colours")
-            config = CheckerConfig(**info["config"])
-            net = CheckerNet(config)
-            net.load_state_dict(load_file(str(path / "checker.safetensors")))
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"{path}: not a scene checker folder ({e})") from e
-        return cls(net, config, info.get("meta"))
+                raise ValueError("trained on other kinds or colours")
+            return CheckerNet(CheckerConfig(**info["config"]))
+
+        net, info = load_network(path, "checker", build, "scene checker")
+        return cls(net, CheckerConfig(**info["config"]), info.get("meta"))
 
     # ------------------------------------------------------------ reading images
 

@@ -15,7 +15,6 @@ words and end marker given each image.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -25,11 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genlab.errors import DataError, InvalidParameterError, ModelLoadError
-from genlab.fsutil import atomic_dir
+from genlab.errors import DataError, InvalidParameterError
+from genlab.model.io import load_network, save_network
 
 BOS, EOS, PAD = 0, 1, 2  # caption word w has id w + 3
 
@@ -112,22 +110,11 @@ class Captioner(nn.Module):
 
     def save(self, folder) -> Path:
         """captioner.safetensors + captioner.json, written as a whole (temp, rename)."""
-        with atomic_dir(folder) as tmp:
-            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp / "captioner.safetensors"))
-            (tmp / "captioner.json").write_text(json.dumps({"config": asdict(self.config)}, indent=2) + "\n",
-                                                encoding="utf-8")
-        return Path(folder)
+        return save_network(folder, "captioner", self, {"config": asdict(self.config)})
 
     @classmethod
     def load(cls, folder) -> "Captioner":
-        folder = Path(folder)
-        try:
-            info = json.loads((folder / "captioner.json").read_text(encoding="utf-8"))
-            module = cls(CaptionerConfig(**info["config"]))
-            module.load_state_dict(load_file(str(folder / "captioner.safetensors")))
-        except (OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"{folder}: not a captioner folder ({e})") from e
-        return module.eval()
+        return load_network(folder, "captioner", lambda info: cls(CaptionerConfig(**info["config"])), "captioner")[0]
 
 
 def train_captioner(images: np.ndarray, caption_ids: list[list[int]], words: int, max_steps: int = 2000,

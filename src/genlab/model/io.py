@@ -253,3 +253,27 @@ def save(path: str | Path, module: torch.nn.Module, tokenizer, meta: dict | None
         write_json(tmp / "generation_config.json", generation or {})
         write_json(tmp / "genlab.json", {"genlab_version": __version__, "codec": {"type": "text"}, **(meta or {})})
     return path
+
+
+# --------------------------------------------------------------------------- small networks
+
+def save_network(folder: str | Path, name: str, module: torch.nn.Module, info: dict) -> Path:
+    """A small network (checker, captioner) as `NAME.safetensors` + `NAME.json` (`info`: what
+    rebuilds it) in `folder`, written as a whole (temporary name, then renamed)."""
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+        (tmp / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return Path(folder)
+
+
+def load_network(folder: str | Path, name: str, build, what: str):
+    """(module, info) from `save_network`'s files: `build(info)` makes the module, the weights are
+    loaded into it; anything missing or mismatched is one ModelLoadError naming the folder."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+        module = build(info)
+        module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
+        raise ModelLoadError(f"{folder}: not a {what} folder ({e})") from e
+    return module.eval(), info
