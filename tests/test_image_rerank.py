@@ -64,6 +64,8 @@ def test_captioner_save_load_and_bad_input(captioner, tmp_path):
         train_captioner(images, captions[:7], words=3, max_steps=1)
     with pytest.raises(InvalidParameterError, match="max_minutes"):
         train_captioner(images, captions, words=3, max_minutes=0)
+    _, info = train_captioner(images, captions, words=3, max_minutes=1e-9)  # a budget spent at once: still one step
+    assert info["steps"] == 1 and np.isfinite(info["final_loss"])
 
 
 @pytest.fixture(scope="module")

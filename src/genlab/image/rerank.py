@@ -137,7 +137,7 @@ def train_captioner(images: np.ndarray, caption_ids: list[list[int]], words: int
     start, step, losses = time.perf_counter(), 0, []
     while step < max_steps:
         elapsed = time.perf_counter() - start
-        if budget is not None and elapsed >= budget:
+        if budget is not None and elapsed >= budget and step:  # at least one step, however small the budget
             break
         done = max(step / max_steps, 0 if budget is None else elapsed / budget)
         for group in opt.param_groups:
